@@ -1,0 +1,182 @@
+"""PNG / JPEG / TIFF / JPEG 2000 files → :class:`~osteoscan.frames.ImageFrame`, never raising.
+
+- **Full depth.** OpenCV reads with ``IMREAD_UNCHANGED`` (8- and 16-bit kept as they are); values
+  are mapped over the *full* range of the container (``/255`` or ``/65535``), never the image's own
+  min/max — the same policy as DICOM without a window, so a 16-bit PNG and a 16-bit DICOM of the
+  same pixels give the same image. Floating-point TIFFs already in [0, 1] are kept; other float
+  ranges are min/max scaled (there is no container range to use), which ``info["range"]`` says.
+- **Colour → grey.** BGR(A) becomes BT.601 luminance; alpha is dropped.
+- **EXIF orientation is honoured** (JPEG/TIFF/PNG ``Orientation`` tag, read with Pillow from the
+  header only). Exports from phones, scanners and some PACS viewers store the image sideways and
+  rely on the tag; a person looking at the file sees the rotated image, so that is what the model
+  gets too. The applied value is kept in ``info["exif_orientation"]``.
+- **Multi-page TIFF** gives one frame per page.
+- Size is checked from the header against :class:`~osteoscan.frames.ReadLimits` before decoding.
+- Body part is ``unknown`` (these formats carry no header facts): the scan's ``--body-part``
+  option or the folder decides; age and sex come from a covariates CSV.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from osteoscan.frames import ImageFrame, ReadLimits
+from osteoscan.readers import pixels
+
+__all__ = ["read_raster", "file_image_id"]
+
+_ORIENT_OPS = {  # EXIF orientation → numpy operations that display the image upright
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1, :],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, k=-1),
+    7: lambda a: np.rot90(a, k=1)[::-1, :],
+    8: lambda a: np.rot90(a, k=1),
+}
+_FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "jpeg2000": "JPEG 2000"}
+
+
+def file_image_id(path: str | Path) -> str:
+    """``"sha256:"`` + first 32 hex digits of the file's SHA-256 (content identity)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _header(path: Path) -> tuple[int, int, int, int]:
+    """(width, height, pages, exif orientation) from the file header without decoding pixels."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # our own limit applies (ReadLimits), checked by the caller
+    with Image.open(path) as im:
+        width, height = im.size
+        pages = int(getattr(im, "n_frames", 1) or 1)
+        try:
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
+            orientation = 1
+    return width, height, pages, orientation if orientation in range(1, 9) else 1
+
+
+def _to_float(arr: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    """One decoded page → float32 (H, W) in [0, 1] using the container's full range."""
+    if arr.ndim == 3 and arr.shape[2] >= 3:
+        # OpenCV gives BGR(A); reorder to RGB for the luminance weights, drop alpha.
+        grey = pixels.luminance(arr[..., [2, 1, 0]])
+        info["colour"] = "luminance"
+    else:
+        grey = np.asarray(arr[..., 0] if arr.ndim == 3 else arr, dtype=np.float64)
+    if arr.dtype in (np.uint8, np.uint16):
+        top = float(np.iinfo(arr.dtype).max)
+        info["range"] = f"0..{top:g}"
+        return np.clip(grey / top, 0.0, 1.0).astype(np.float32)
+    if arr.dtype.kind == "f" and np.nanmin(grey) >= 0 and np.nanmax(grey) <= 1:
+        info["range"] = "0..1 (float)"
+        return np.nan_to_num(grey).astype(np.float32)
+    lo, hi = float(np.nanmin(grey)), float(np.nanmax(grey))
+    info["range"] = f"min/max {lo:g}..{hi:g} ({arr.dtype})"
+    if hi <= lo:
+        return np.zeros(grey.shape, np.float32)
+    return np.nan_to_num((grey - lo) / (hi - lo)).astype(np.float32)
+
+
+def _error(
+    path: str, kind: str, reason: str, info: dict[str, Any] | None = None
+) -> list[ImageFrame]:
+    return [ImageFrame(path=path, status="error", reason=reason, kind=kind, info=info or {})]
+
+
+def read_raster(
+    path: str | Path, kind: str, *, limits: ReadLimits | None = None, decode: bool = True
+) -> list[ImageFrame]:
+    """Read a PNG/JPEG/TIFF/JPEG 2000 file into one frame per page, never raising."""
+    shown, p = str(path), Path(path)
+    limits = limits or ReadLimits()
+    fmt = _FORMAT_NAMES.get(kind, kind.upper())
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        return _error(shown, kind, f"cannot open file: {exc.strerror or exc}")
+    if size == 0:
+        return _error(shown, kind, "empty file (0 bytes) — the transfer or export failed")
+    if size > limits.max_file_bytes:
+        return _error(shown, kind, f"file is {size} bytes, over the {limits.max_file_bytes} limit")
+    info: dict[str, Any] = {
+        "modality": "",
+        "photometric": "",
+        "transfer_syntax": fmt,
+        "bits_stored": None,
+        "rows": None,
+        "columns": None,
+        "n_frames": 1,
+        "sop_class": "",
+        "voi": "full container range",
+        "file_size": size,
+    }
+    try:
+        width, height, pages, orientation = _header(p)
+    except Exception as exc:  # noqa: BLE001 - unreadable header → error row
+        return _error(shown, kind, f"corrupt or unsupported {fmt} file: {str(exc)[:160]}", info)
+    info.update(rows=height, columns=width, n_frames=pages)
+    if orientation != 1:
+        info["exif_orientation"] = orientation
+    if pages > limits.max_frames:
+        return _error(shown, kind, f"{pages} pages exceed the limit of {limits.max_frames}", info)
+    if width * height * pages > limits.max_pixels:
+        return _error(
+            shown,
+            kind,
+            f"image too large: {height}×{width}×{pages} pages over the limit of "
+            f"{limits.max_pixels} pixels",
+            info,
+        )
+    image_id = file_image_id(p)
+    if not decode:
+        return _frames(shown, kind, image_id, [None] * pages, info)
+    try:
+        if pages > 1:
+            ok, decoded = cv2.imreadmulti(str(p), flags=cv2.IMREAD_UNCHANGED)
+            decoded = list(decoded) if ok else []
+        else:
+            one = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+            decoded = [] if one is None else [one]
+    except Exception as exc:  # noqa: BLE001 - OpenCV raises cv2.error on some corrupt files
+        return _error(shown, kind, f"cannot decode {fmt} file: {str(exc)[:160]}", info)
+    if not decoded:
+        return _error(shown, kind, f"cannot decode {fmt} file (corrupt or truncated?)", info)
+    info["bits_stored"] = int(decoded[0].dtype.itemsize * 8)
+    info["photometric"] = "RGB" if decoded[0].ndim == 3 and decoded[0].shape[2] >= 3 else "GREY"
+    images: list[np.ndarray | None] = []
+    for arr in decoded:
+        img = _to_float(arr, info)
+        op = _ORIENT_OPS.get(orientation)
+        images.append(np.ascontiguousarray(op(img) if op else img, dtype=np.float32))
+    return _frames(shown, kind, image_id, images, info)
+
+
+def _frames(
+    shown: str, kind: str, image_id: str, images: list[np.ndarray | None], info: dict[str, Any]
+) -> list[ImageFrame]:
+    multi = len(images) > 1
+    return [
+        ImageFrame(
+            path=shown,
+            frame=i,
+            status="ok",
+            kind=kind,
+            image=img,
+            image_id=image_id + (f":{i}" if multi else ""),
+            body_part="unknown",
+            body_part_reason=f"{_FORMAT_NAMES.get(kind, kind)} files carry no body part",
+            info=dict(info),
+        )
+        for i, img in enumerate(images)
+    ]
