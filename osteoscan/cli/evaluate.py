@@ -1,14 +1,146 @@
-"""`osteoscan evaluate` (placeholder until implemented)."""
+"""`osteoscan evaluate`: score labelled images with a model package; print and save metrics.
+
+Thin: :func:`osteoscan.evaluate.evaluate_model` does the work; this module parses and renders.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.table import Table
+
+from osteoscan.errors import OutputError, UsageError
+from osteoscan.metrics import format_metrics_table
+
+VARIANT_TITLES = {
+    "image_only": "image only",
+    "covariates_only": "covariates only (age, sex)",
+    "combined": "image + covariates (as scanned)",
+}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic write: a killed run never leaves a half-written report."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
+
+
+def _table(title: str, metrics: dict[str, Any]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95 % CI", justify="right")
+    for row in format_metrics_table(metrics):
+        table.add_row(*row)
+    return table
+
+
+def _confusion(metrics: dict[str, Any], variant: str) -> Table:
+    cm = metrics["confusion_matrix"]
+    title = f"confusion matrix, {variant} (rows: true, columns: most probable class)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    for c in cm["classes"]:
+        table.add_column(c, justify="right")
+    for c, row in zip(cm["classes"], cm["matrix"], strict=True):
+        table.add_row(c, *(str(v) for v in row))
+    return table
 
 
 def register(app: typer.Typer) -> None:
     """Add the `evaluate` command to the app."""
 
-    @app.command("evaluate", help="(not implemented yet)")
-    def _cmd() -> None:
-        typer.echo("osteoscan evaluate: not implemented yet", err=True)
-        raise typer.Exit(2)
+    @app.command("evaluate")
+    def evaluate(
+        data: Annotated[
+            Path,
+            typer.Option(
+                "--data", help="Folder with one sub-folder per class, or a path,label[,group] CSV."
+            ),
+        ],
+        model: Annotated[
+            str, typer.Option("--model", help="Model package name or folder.")
+        ] = "knee-default",
+        covariates: Annotated[
+            Path | None, typer.Option("--covariates", help="Covariates CSV (path, age, sex).")
+        ] = None,
+        covariate_columns: Annotated[
+            str,
+            typer.Option(
+                "--covariate-columns",
+                help="Column names for path,age,sex in the covariates CSV, e.g. "
+                "'Patient Id,Age,Gender'.",
+            ),
+        ] = "path,age,sex",
+        out: Annotated[
+            Path | None, typer.Option("--out", help="Write the full report as JSON here.")
+        ] = None,
+        device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+        n_boot: Annotated[
+            int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95 % CIs.")
+        ] = 1000,
+        seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    ) -> None:
+        """Score labelled images with a model and report metrics with 95 % intervals."""
+        from osteoscan.evaluate import evaluate_model
+
+        cols = [c.strip() for c in covariate_columns.split(",")]
+        if len(cols) != 3 or not all(cols):
+            raise UsageError("--covariate-columns needs three comma-separated names: path,age,sex")
+        console = Console(stderr=True)
+        show = not quiet and console.is_terminal
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not show,
+        ) as bar:
+            task = bar.add_task("scoring images", total=None)
+            report = evaluate_model(
+                data,
+                model,
+                covariates_csv=covariates,
+                covariate_columns=cols,
+                device=device,
+                batch_size=batch_size,
+                n_boot=n_boot,
+                seed=seed,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        stdout = Console(width=max(Console().width, 100), highlight=False)
+        m = report["model"]
+        stdout.print(
+            f"model {m['name']} {m['version']} · {report['data']['n_scored']} of "
+            f"{report['data']['n_images']} images scored · threshold {report['threshold']:.3f}"
+        )
+        if report["class_mapping"]["mode"] != "direct":
+            stdout.print(f"note: {report['class_mapping']['note']}")
+        for name, metrics in report["variants"].items():
+            title = VARIANT_TITLES.get(name, name)
+            stdout.print(_table(title, metrics))
+        stdout.print(_confusion(report, VARIANT_TITLES.get(report["primary"], report["primary"])))
+        for err in report["errors"][:10]:
+            stdout.print(f"[yellow]unreadable[/yellow] {err['path']}: {err['reason']}")
+        if out is not None:
+            _write_json(out, report)
+            stdout.print(f"report written to {out}")

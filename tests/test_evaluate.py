@@ -1,0 +1,188 @@
+"""End-to-end tests for `osteoscan evaluate` on synthetic labelled images and a tiny package."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from osteoscan.covariates import write_covariates_csv
+from osteoscan.errors import UsageError
+from osteoscan.synthetic import synthetic_knee, write_png
+
+CLASSES = ["normal", "osteopenia", "osteoporosis"]
+DENSITY = {"normal": 1.0, "osteopenia": 0.65, "osteoporosis": 0.3}
+AGE = {"normal": 45.0, "osteopenia": 60.0, "osteoporosis": 72.0}
+PREFIX = {"normal": "N", "osteopenia": "OP", "osteoporosis": "OS"}  # as in knee-xray
+TOP_KEYS = (
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "roc_auc",
+    "confusion_matrix",
+    "n",
+)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Folder-per-class synthetic knees (5 per class) and a covariates CSV keyed by stem."""
+    root = tmp_path_factory.mktemp("data")
+    rows = []
+    for c in CLASSES:
+        for k in range(5):
+            stem = f"{PREFIX[c]}{k}"
+            write_png(
+                root / c / f"{stem}.png",
+                synthetic_knee(64, seed=100 * k + len(c), density=DENSITY[c]),
+                bits=8,
+            )
+            rows.append((stem, AGE[c] + k, "F" if k % 2 else "M"))
+    rows[0] = (rows[0][0], None, None)  # one image without covariates
+    csv = write_covariates_csv(root.parent / f"{root.name}_cov.csv", rows)
+    return root, csv
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 2-member package with a covariate-fusion model, positives = osteoporosis."""
+    import torch
+
+    from osteoscan.archs import create_model
+    from osteoscan.fusion import fit_fusion
+    from osteoscan.package import Manifest, MemberSpec, save_package
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    ages = np.array([AGE[CLASSES[i]] for i in y]) + rng.normal(0, 4, 90)
+    sexes = [["M", "F"][int(s)] for s in rng.integers(0, 2, 90)]
+    img = rng.dirichlet(np.ones(3), 90)
+    fusion = fit_fusion(img, ages, sexes, y, CLASSES)
+    manifest = Manifest(
+        name="tiny-eval",
+        version="0.0.1",
+        classes=CLASSES,
+        positive_classes=["osteoporosis"],
+        threshold=0.4,
+        preprocess={"size": 48},
+        covariates=["age", "sex"],
+        fusion=fusion,
+        members=[MemberSpec.for_arch("tiny_cnn", input_size=48) for _ in range(2)],
+    )
+    models = [create_model("tiny_cnn", 3) for _ in range(2)]
+    return save_package(tmp_path_factory.mktemp("pkg") / "tiny-eval", manifest, models)
+
+
+def test_evaluate_model_reports_all_variants(labelled: tuple[Path, Path], package: Path) -> None:
+    from osteoscan.evaluate import evaluate_model
+
+    data, csv = labelled
+    rep = evaluate_model(data, package, covariates_csv=csv, device="cpu", batch_size=4, n_boot=50)
+    for key in TOP_KEYS:
+        assert key in rep, key
+    assert rep["n"] == 15 and rep["classes"] == CLASSES and rep["threshold"] == pytest.approx(0.4)
+    assert sum(map(sum, rep["confusion_matrix"]["matrix"])) == 15
+    assert set(rep["variants"]) == {"image_only", "covariates_only", "combined"}
+    assert rep["primary"] == "combined"
+    assert rep["variants"]["covariates_only"]["n"] == 14  # one image has no covariates
+    # Ages separate the classes perfectly here: covariates alone must rank osteoporosis first.
+    assert rep["variants"]["covariates_only"]["roc_auc"]["value"] > 0.9
+    assert rep["covariates"]["n_with_age"] == 14 and rep["covariates"]["n_with_sex"] == 14
+    for key in ("accuracy", "sensitivity", "roc_auc"):
+        cell = rep[key]
+        assert set(cell) >= {"value", "ci95"}
+    assert "per_class" in rep and set(rep["per_class"]) == set(CLASSES)
+    assert rep["model"]["name"] == "tiny-eval" and rep["errors"] == []
+    json.dumps(rep)
+
+
+def test_binary_data_collapses_and_unreadable_files_are_listed(
+    labelled: tuple[Path, Path], package: Path, tmp_path: Path
+) -> None:
+    from osteoscan.evaluate import evaluate_model
+
+    data, _ = labelled
+    for c in ("normal", "osteoporosis"):
+        (tmp_path / c).mkdir()
+        for p in sorted((data / c).glob("*.png"))[:3]:
+            (tmp_path / c / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "normal" / "broken.png").write_bytes(b"not a png at all")
+    rep = evaluate_model(tmp_path, package, device="cpu", n_boot=0)
+    assert rep["class_mapping"]["mode"] == "collapsed"
+    assert rep["classes"] == ["other", "osteoporosis"] and rep["n"] == 6
+    assert [Path(e["path"]).name for e in rep["errors"]] == ["broken.png"]
+    assert set(rep["variants"]) == {"image_only", "combined"}  # no covariates given
+
+
+def test_foreign_class_is_usage_error(tmp_path: Path, package: Path) -> None:
+    from osteoscan.evaluate import map_classes
+
+    with pytest.raises(UsageError, match="osteopenia"):
+        map_classes(["normal", "osteopenia"], ["normal", "osteoporosis"], ["osteoporosis"])
+    assert map_classes(CLASSES, CLASSES, ["osteoporosis"])[2] == "direct"
+    # data without any positive class: keep the model's classes (screening metrics undefined)
+    assert map_classes(["normal", "osteopenia"], CLASSES, ["osteoporosis"])[2] == "direct"
+
+
+def test_cli_prints_table_and_writes_json(
+    labelled: tuple[Path, Path], package: Path, tmp_path: Path
+) -> None:
+    from osteoscan.cli import app
+
+    data, csv = labelled
+    out = tmp_path / "rep" / "report.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--data",
+            str(data),
+            "--model",
+            str(package),
+            "--covariates",
+            str(csv),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--bootstrap",
+            "50",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "95 % CI" in result.output and "ROC-AUC" in result.output
+    assert "covariates only" in result.output and "confusion matrix" in result.output
+    saved = json.loads(out.read_text())
+    for key in TOP_KEYS:
+        assert key in saved
+    assert saved["n"] == 15
+
+
+def test_cli_usage_errors(labelled: tuple[Path, Path], package: Path, tmp_path: Path) -> None:
+    from osteoscan.cli import main
+
+    data, csv = labelled
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--data", str(tmp_path / "missing"), "--model", str(package)])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(data),
+                "--model",
+                str(package),
+                "--covariates",
+                str(csv),
+                "--covariate-columns",
+                "path,age",
+            ]
+        )
+    assert exc.value.code == 2
