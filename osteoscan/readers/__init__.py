@@ -95,7 +95,10 @@ def read_frames(
                 reason=reason or f"unsupported file kind {kind!r}",
             )
         ]
-    except Exception as exc:  # noqa: BLE001 - the contract: one bad file never stops a batch
+    except BaseException as exc:  # noqa: BLE001 - the contract: one bad file never stops a batch
+        # BaseException too: pyo3's PanicException (Rust decoders) does not derive from Exception.
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         return [
             ImageFrame(
                 path=shown,

@@ -12,6 +12,7 @@ MONOCHROME1 inversion). Per-frame rescale and window values of enhanced multi-fr
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,12 @@ def _floats(value: Any) -> list[float]:
     out = []
     for v in items:
         try:
-            out.append(float(v))
+            f = float(v)
         except (TypeError, ValueError):
             continue
+        # A NaN/inf window or rescale value is corrupt: treat it as absent, not as maths to apply.
+        if math.isfinite(f):
+            out.append(f)
     return out
 
 
@@ -370,12 +374,18 @@ def _decode_frames(
         try:
             arr = pixel_array(ds, index=i if multi else None)
             img, voi = _frame_image(ds, np.asarray(arr), i, bits_stored)
-        except Exception as exc:  # noqa: BLE001 - a frame that fails is an error row, not a crash
+        except BaseException as exc:  # noqa: BLE001 - a frame that fails is an error row
+            # Rust decoders (pylibjpeg-rle) raise pyo3's PanicException, a BaseException.
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
             fr.status, fr.image = "error", None
             fr.reason = codecs.decode_failure_reason(ts, str(exc))
             continue
         if img.ndim != 2:
             fr.status, fr.reason = "error", f"unexpected decoded shape {img.shape}"
+            continue
+        if not np.isfinite(img).all():
+            fr.status, fr.reason = "error", "decoded pixels are not finite (corrupt header values)"
             continue
         fr.image = img
         fr.info["voi"] = voi

@@ -1,0 +1,382 @@
+"""Fit one ensemble member: staged fine-tuning with early stopping on validation ROC-AUC.
+
+The data are small ``uint16`` tensors (N, 1, S, S) from :mod:`osteoscan.train.cache`; they are
+moved to the device once, augmented there (:class:`~osteoscan.train.augment.RandomAffine`) and
+turned into normalised 3-channel input by the same :func:`osteoscan.preprocess.to_model_input`
+that scanning uses.
+
+A fit is a list of :class:`Stage`\\ s. Each stage sets which parameters train (``setup``), gets a
+fresh optimiser and learning-rate schedule, and runs until its epoch budget or until validation
+AUC has not improved for ``patience`` epochs. The two-stage fine-tuning of the papers is
+``[Stage("head", ..., freeze_backbone), Stage("top", ..., unfreeze_top)]``; training from scratch
+is one stage over everything. The best state over all stages (by validation AUC of the
+positive-vs-rest score, ties broken by validation loss) is returned.
+
+Frozen batch-norm layers are kept in eval mode so their ImageNet running statistics are not
+overwritten by a handful of small, augmented batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from osteoscan.train.augment import RandomAffine
+from osteoscan.train.recipe import TrainConfig
+
+__all__ = [
+    "TrainEvent",
+    "Stage",
+    "FitResult",
+    "fit_member",
+    "predict_logits",
+    "class_weights",
+    "seed_everything",
+    "positive_auc",
+]
+
+ProgressFn = Callable[["TrainEvent"], None]
+
+
+@dataclass
+class TrainEvent:
+    """One progress report from the training core (rendered by the CLI, logged otherwise).
+
+    ``kind``: ``phase`` (a step of the pipeline, ``message`` says which), ``read`` (images read,
+    ``step``/``n_steps``), ``member_start``, ``epoch_start``, ``batch``, ``epoch_end`` (``metrics``
+    holds train_loss, val_loss, val_auc, lr, seconds), ``member_end``, ``done``.
+    """
+
+    kind: str
+    message: str = ""
+    member: int = 0
+    n_members: int = 1
+    stage: str = ""
+    epoch: int = 0
+    n_epochs: int = 0
+    step: int = 0
+    n_steps: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    """One fine-tuning stage: ``setup(model)`` chooses the trainable parameters."""
+
+    name: str
+    epochs: int
+    lr: float
+    setup: Callable[[nn.Module], None]
+
+
+@dataclass
+class FitResult:
+    """Best weights (CPU tensors), per-epoch history and validation logits of the best state."""
+
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_auc: float
+    val_logits: np.ndarray
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python-side torch and NumPy RNGs (the loop itself uses private generators)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``n / (C * n_c)`` (0 for classes absent from ``y``)."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def positive_auc(y: np.ndarray, probs: np.ndarray, positive_idx: Sequence[int]) -> float:
+    """ROC-AUC of the summed positive-class probability vs the rest; NaN if one side is empty."""
+    is_pos = np.isin(np.asarray(y), list(positive_idx))
+    if is_pos.all() or not is_pos.any():
+        return float("nan")
+    return float(roc_auc_score(is_pos, probs[:, list(positive_idx)].sum(axis=1)))
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    if amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _freeze_bn_stats(model: nn.Module) -> None:
+    """Put batch-norm layers whose parameters are all frozen into eval mode."""
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            params = list(mod.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                mod.eval()
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    channels_last: bool = True,
+    amp: bool = False,
+) -> np.ndarray:
+    """Logits (N, C) float32 of ``model`` in eval mode for a uint16 batch (N, 1, S, S)."""
+    device = torch.device(device)
+    model.eval()
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size].to(device, non_blocking=True)
+        inp = to_model_input(xb, mean, std, channels_last=channels_last)
+        with _autocast(device, amp):
+            out.append(model(inp).float().cpu())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def _make_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, lr: float
+) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if cfg.schedule != "cosine" or total_steps <= warmup_steps:
+            return 1.0
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+    return fn
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    chunks = list(perm.split(batch_size))
+    # A batch of one breaks batch norm in train mode: fold it into the previous batch.
+    if len(chunks) > 1 and chunks[-1].numel() == 1:
+        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+    return chunks
+
+
+def fit_member(
+    model: nn.Module,
+    train_x: torch.Tensor,
+    train_y: np.ndarray,
+    val_x: torch.Tensor,
+    val_y: np.ndarray,
+    *,
+    cfg: TrainConfig,
+    stages: Sequence[Stage],
+    n_classes: int,
+    positive_idx: Sequence[int],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+    progress: ProgressFn | None = None,
+    member: int = 0,
+    n_members: int = 1,
+) -> FitResult:
+    """Train ``model`` through ``stages``; return the best state by validation AUC.
+
+    ``train_x``/``val_x`` are uint16 (N, 1, S, S) CPU tensors, ``train_y``/``val_y`` int class
+    indices. Deterministic for a given ``seed`` on the same device and thread count.
+    """
+    device = torch.device(device)
+    seed = cfg.seed if seed is None else seed
+    seed_everything(seed)
+    emit = progress or (lambda _e: None)
+    amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp and device.type == "cuda")
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=fmt)
+    gen = torch.Generator().manual_seed(seed)
+    augment = RandomAffine(cfg.augment, seed=seed + 1)
+    tx = train_x.to(device)
+    ty = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
+    val_y = np.asarray(val_y, dtype=np.int64)
+    weight = class_weights(train_y, n_classes).to(device) if cfg.class_weights else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
+    n_epochs = sum(s.epochs for s in stages)
+
+    def evaluate() -> tuple[np.ndarray, float, float]:
+        logits = predict_logits(
+            model,
+            val_x,
+            mean=mean,
+            std=std,
+            device=device,
+            batch_size=cfg.batch_size * 2,
+            channels_last=cfg.channels_last,
+            amp=amp,
+        )
+        if len(val_y) == 0:
+            return logits, float("nan"), float("nan")
+        lt = torch.from_numpy(logits)
+        vloss = float(F.cross_entropy(lt, torch.from_numpy(val_y)))
+        probs = torch.softmax(lt, dim=1).numpy()
+        return logits, vloss, positive_auc(val_y, probs, positive_idx)
+
+    def key(auc: float, loss: float) -> tuple[float, float]:
+        return (auc if math.isfinite(auc) else -1.0, -loss if math.isfinite(loss) else -1e9)
+
+    best_key: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] = {}
+    best_epoch, best_auc = 0, float("nan")
+    best_logits = np.zeros((len(val_y), n_classes), dtype=np.float32)
+    history: list[dict[str, Any]] = []
+    epoch = 0
+    emit(TrainEvent("member_start", member=member, n_members=n_members, n_epochs=n_epochs))
+    for stage in stages:
+        if stage.epochs <= 0:
+            continue
+        if best_state:
+            # Each stage starts from the best weights so far, not from an overfitted last epoch.
+            model.load_state_dict(best_state)
+        stage.setup(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            continue
+        opt = _make_optimizer(params, cfg, stage.lr)
+        steps = len(_batches(tx.shape[0], cfg.batch_size, torch.Generator().manual_seed(0)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, _lr_lambda(cfg, steps * stage.epochs, steps * cfg.warmup_epochs)
+        )
+        plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="max", factor=0.5, patience=max(1, cfg.patience // 2)
+            )
+            if cfg.schedule == "plateau"
+            else None
+        )
+        stale = 0
+        for _ in range(stage.epochs):
+            epoch += 1
+            t0 = time.perf_counter()
+            model.train()
+            _freeze_bn_stats(model)
+            emit(
+                TrainEvent(
+                    "epoch_start",
+                    member=member,
+                    n_members=n_members,
+                    stage=stage.name,
+                    epoch=epoch,
+                    n_epochs=n_epochs,
+                    n_steps=steps,
+                )
+            )
+            total, count = 0.0, 0
+            for i, idx in enumerate(_batches(tx.shape[0], cfg.batch_size, gen)):
+                xb = to_model_input(augment(tx[idx.to(device)]), mean, std, cfg.channels_last)
+                with _autocast(device, amp):
+                    logits = model(xb)
+                loss = F.cross_entropy(
+                    logits.float(),
+                    ty[idx.to(device)],
+                    weight=weight,
+                    label_smoothing=cfg.label_smoothing,
+                )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                total += float(loss.detach()) * idx.numel()
+                count += idx.numel()
+                emit(
+                    TrainEvent(
+                        "batch",
+                        member=member,
+                        n_members=n_members,
+                        stage=stage.name,
+                        epoch=epoch,
+                        n_epochs=n_epochs,
+                        step=i + 1,
+                        n_steps=steps,
+                        metrics={"loss": float(loss.detach())},
+                    )
+                )
+            logits_v, vloss, vauc = evaluate()
+            if plateau is not None:
+                plateau.step(vauc if math.isfinite(vauc) else -vloss)
+            row = {
+                "epoch": epoch,
+                "stage": stage.name,
+                "train_loss": total / max(count, 1),
+                "val_loss": vloss,
+                "val_auc": vauc,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+            }
+            k = key(vauc, vloss)
+            improved = best_key is None or k > best_key
+            if improved:
+                best_key, best_epoch, best_auc, best_logits = k, epoch, vauc, logits_v
+                best_state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+                stale = 0
+            else:
+                stale += 1
+            row["best"] = improved
+            history.append(row)
+            emit(
+                TrainEvent(
+                    "epoch_end",
+                    member=member,
+                    n_members=n_members,
+                    stage=stage.name,
+                    epoch=epoch,
+                    n_epochs=n_epochs,
+                    metrics=dict(row),
+                )
+            )
+            if stale >= cfg.patience:
+                break
+    if not best_state:
+        best_state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    emit(
+        TrainEvent(
+            "member_end",
+            member=member,
+            n_members=n_members,
+            metrics={"best_epoch": best_epoch, "best_val_auc": best_auc},
+        )
+    )
+    return FitResult(best_state, history, best_epoch, best_auc, best_logits)

@@ -1,0 +1,111 @@
+"""Tests for `osteoscan train`: options reach the trainer, a package is written, errors map."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from osteoscan.cli import app
+from osteoscan.synthetic import synthetic_knee, write_png
+
+KNEE = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-xray"
+KNEE = Path(os.environ.get("OSTEOSCAN_KNEE_XRAY", KNEE))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli-knees")
+    rows = ["Patient Id,Age,Gender"]
+    for c, (label, density) in enumerate((("normal", 1.0), ("osteoporosis", 0.3))):
+        for i in range(10):
+            stem = f"{label[:3]}{i}"
+            write_png(
+                root / label / f"{stem}.png", synthetic_knee(64, seed=50 * c + i, density=density)
+            )
+            rows.append(f"{stem},{45 + 25 * c + i},{'female' if i % 2 else 'male'}")
+    (root / "patient_details.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _args(folder: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(folder), "--out", str(out), "--arch", "tiny_cnn", "--random-init",
+        "--preset", "quick", "--size", "48", "--epochs", "2", "--batch-size", "8", "--folds", "2",
+        "--covariates", str(folder / "patient_details.csv"),
+        "--covariate-columns", "Patient Id,Age,Gender", "--seed", "3", *extra,
+    ]  # fmt: skip
+
+
+def test_cli_train_writes_package_and_logs(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "my-model"
+    res = CliRunner().invoke(app, _args(folder, out, "--quiet"))
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["name"] == "my-model"
+    assert manifest["classes"] == ["normal", "osteoporosis"]
+    assert len(manifest["members"]) == 2
+    assert manifest["covariates"] == ["age", "sex"]
+    assert manifest["extra"]["train_config"]["preset"] == "quick"
+    assert manifest["extra"]["train_config"]["epochs"] == 2
+    assert manifest["command"].startswith("osteoscan train --data")
+    assert "--random-init" in manifest["command"]
+    # Plain, timestamped log lines (no terminal) with per-epoch validation AUC.
+    assert "osteoscan train: member 1/2 epoch 1/2" in res.output
+    assert "val_auc" in res.output
+    assert "image only" in res.output and "ROC-AUC" in res.output
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--preset", "nope"),
+        ("--positive", "fracture"),
+        ("--covariate-columns", "a,b"),
+        ("--body-part", "hip"),
+        ("--weights", "x.pth"),
+        ("--name", "bad name"),
+    ],
+)
+def test_cli_train_usage_errors(folder: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
+    res = CliRunner().invoke(app, [*_args(folder, tmp_path / "m"), *extra])
+    assert res.exit_code != 0
+    from osteoscan.errors import UsageError
+
+    assert isinstance(res.exception, UsageError) or res.exit_code == 2
+
+
+def test_cli_train_help_lists_options() -> None:
+    res = CliRunner().invoke(
+        app, ["train", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
+    )
+    assert res.exit_code == 0
+    for opt in ("--data", "--preset", "--folds", "--target-sensitivity", "--covariate-columns"):
+        assert opt in res.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not KNEE.is_dir(), reason="../shared/data/knee-xray not present")
+def test_quick_preset_on_knee_xray(tmp_path: Path) -> None:
+    """`--preset quick` on the real knee folder: a valid package with the duplicate counts."""
+    import time
+
+    out = tmp_path / "knee-quick"
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(
+        app,
+        ["train", "--data", str(KNEE), "--out", str(out), "--preset", "quick", "--quiet",
+         "--covariates", str(KNEE / "patient_details.csv"),
+         "--covariate-columns", "Patient Id,Age,Gender"],
+    )  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    td = m["training_data"]
+    assert td["n_duplicate_groups"] >= 21 and td["n_conflicting_groups"] >= 7
+    assert m["covariates"] == ["age", "sex"]
+    assert {"image_only", "covariates_only", "combined"} <= set(m["metrics"])
+    assert elapsed < 300  # 3 min budget on 2 idle cores; slack for shared machines
