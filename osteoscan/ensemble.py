@@ -53,7 +53,9 @@ class BatchPrediction:
     threshold``; ``uncertainty`` (B,) — std (ddof 0) of the members' image-only scores;
     ``prediction`` — most probable class name; ``covariates_used`` — ``"age,sex"``, ``"age"``,
     ``"sex"`` or ``""``; ``heatmaps`` — float32 (H, W) in [0, 1] at model input size, or None
-    where not asked; ``threshold`` — the threshold applied.
+    where not asked; ``threshold`` — the package's (or the user's) threshold; ``thresholds`` (B,)
+    — the one applied to each row (image-only and fused scores have their own, see
+    :meth:`Ensemble._row_thresholds`).
     """
 
     probs: np.ndarray
@@ -65,6 +67,7 @@ class BatchPrediction:
     covariates_used: list[str]
     heatmaps: list[np.ndarray | None]
     threshold: float
+    thresholds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prediction)
@@ -304,8 +307,9 @@ class Ensemble:
             probs, used = image_probs.astype(np.float32), [""] * batch
 
         thr = self.threshold if threshold is None else float(threshold)
+        row_thr = self._row_thresholds(used, threshold)
         score = probs[:, self.positive_idx].sum(axis=1).astype(np.float32)
-        flagged = score >= thr
+        flagged = score >= row_thr
         hm_list: list[np.ndarray | None] = [None] * batch
         # "flagged": every row went through the open Grad-CAM forward (about inference cost);
         # now that the fused score is known, backpropagate for the flagged rows only.
@@ -331,4 +335,23 @@ class Ensemble:
             covariates_used=used,
             heatmaps=hm_list,
             threshold=thr,
+            thresholds=row_thr,
         )
+
+    def _row_thresholds(self, used: Sequence[str], override: float | None) -> np.ndarray:
+        """Threshold per row: an image-only score and a fused score live on different scales.
+
+        The trainer stores ``fusion["thresholds"] = {"image_only": t, "combined": t}``, each chosen
+        for the target sensitivity on its own held-out scores; rows use the one matching how they
+        were scored. A user ``--threshold`` applies to every row.
+        """
+        n = len(used)
+        if override is not None:
+            return np.full(n, float(override), dtype=np.float32)
+        out = np.full(n, self.threshold, dtype=np.float32)
+        per = (self.fusion or {}).get("thresholds") or {}
+        for i, u in enumerate(used):
+            key = "combined" if u else "image_only"
+            if key in per:
+                out[i] = float(per[key])
+        return out

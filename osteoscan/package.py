@@ -222,6 +222,7 @@ def _atomic_write(path: Path, write: Any) -> None:
         write(Path(tmp))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; packages are shared, readable files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -277,6 +278,7 @@ def save_package(
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             digest = sha256_file(Path(tmp))
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; packages are shared, readable files
             fname = f"member{i:02d}-{spec.arch}-{digest[:8]}.safetensors"
             os.replace(tmp, out / fname)
         except BaseException:

@@ -202,7 +202,12 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> list[str]:
     if not sets:
         return ["No held-out metrics were computed for this model."]
     names = list(sets)
-    tables = {k: {r[0]: r for r in format_metrics_table(dict(v))} for k, v in sets.items()}
+    # Each variant has its own threshold, so labels differ in their "@ t" suffix: key rows by the
+    # label without it, and list the thresholds once below the table.
+    tables = {
+        k: {r[0].split(" @ ")[0].rstrip(")") + (")" if " @ " in r[0] else ""): r for r in rows}
+        for k, rows in ((k, format_metrics_table(dict(v))) for k, v in sets.items())
+    }
     first = tables[names[0]]
     lines = ["| metric | " + " | ".join(METRIC_SETS.get(k, k) for k in names) + " |"]
     lines.append("|---|" + "---|" * len(names))
@@ -212,7 +217,18 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> list[str]:
             row = tables[k].get(label)
             cells.append("" if row is None else (f"{row[1]} ({row[2]})" if row[2] else row[1]))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    thresholds = [
+        f"{METRIC_SETS.get(k, k)} {float(v['threshold']):.3f}"
+        for k, v in sets.items()
+        if isinstance(v.get("threshold"), (int, float))
+    ]
     lines += ["", "Values are point estimates with bootstrap 95 % intervals in parentheses."]
+    if thresholds:
+        lines.append(
+            "Screening thresholds (chosen for the target sensitivity): "
+            + ", ".join(thresholds)
+            + "."
+        )
     return lines
 
 

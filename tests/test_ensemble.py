@@ -165,6 +165,24 @@ def test_covariate_fusion_applied_per_row() -> None:
     assert plain.covariates_used == [""] * 4
 
 
+def test_thresholds_per_row_follow_how_the_row_was_scored() -> None:
+    """Image-only rows use the image-only threshold, fused rows the combined one."""
+    rng = np.random.default_rng(1)
+    n = 120
+    age = rng.uniform(40, 90, n)
+    sex = list(rng.choice(["F", "M"], n))
+    y = (age > 70).astype(int) * 2
+    fusion = fit_fusion(rng.dirichlet([1, 1, 1], n), age, sex, y, CLASSES)
+    fusion["thresholds"] = {"image_only": 0.9, "combined": 0.1}
+    ens = make_ensemble([tiny(0)], fusion=fusion)
+    covs = [Covariates(85.0, "F"), None, Covariates(60.0, None)]
+    pred = ens.predict(batch(3), covariates=covs)
+    np.testing.assert_allclose(pred.thresholds, [0.1, 0.9, 0.1])
+    np.testing.assert_array_equal(pred.flagged, pred.score >= pred.thresholds)
+    forced = ens.predict(batch(3), covariates=covs, threshold=0.5)
+    np.testing.assert_allclose(forced.thresholds, [0.5, 0.5, 0.5])
+
+
 def test_heatmap_rows_same_prediction_and_none_elsewhere() -> None:
     ens = make_ensemble([tiny(0), tiny(1)], [1.0, 2.0])
     x = batch(5)

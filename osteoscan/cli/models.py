@@ -41,12 +41,20 @@ def _console() -> Console:
 
 
 def _headline(metrics: dict[str, Any]) -> str:
-    """A short "auc 0.84 [0.78, 0.90]" line from a manifest's metrics, when present."""
+    """A short "ROC-AUC 0.84 [0.78, 0.90]" line from a manifest's metrics, when present.
+
+    Trained packages hold one metrics dict per variant (combined, image_only, covariates_only):
+    the headline is the variant that ``scan`` outputs, combined when there is one.
+    """
+    for variant in ("combined", "image_only"):
+        if isinstance(metrics.get(variant), dict):
+            metrics = metrics[variant]
+            break
     auc = metrics.get("roc_auc")
     if isinstance(auc, dict) and "value" not in auc:
         auc = auc.get("positive") or auc.get("macro")
     if isinstance(auc, dict) and isinstance(auc.get("value"), int | float):
-        ci = auc.get("ci95") or []
+        ci = [c for c in (auc.get("ci95") or []) if isinstance(c, int | float)]
         tail = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if len(ci) == 2 else ""
         return f"ROC-AUC {auc['value']:.3f}{tail}"
     return ""

@@ -216,6 +216,8 @@ def _evaluate(
                 cov_ev[inside] = apply_covariates_only(sub, ages[rows], sx)[0]
             comb_cal, cov_cal = comb_ev, cov_ev
         threshold = thr(cal, comb_cal)
+        # Rows scanned without covariates are scored image-only: they need their own threshold.
+        fusion["thresholds"] = {"image_only": float(img_thr), "combined": float(threshold)}
         metrics["combined"] = _metrics(y[ev], comb_ev, classes, cfg.positive, threshold, cfg)
         out["combined"] = comb_ev
         ok_cal, ok_ev = ~np.isnan(cov_cal).any(1), ~np.isnan(cov_ev).any(1)
