@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 import torch
 
+from osteoscan.roi import detect_knee_joint
+
 U16_MAX = 65535.0
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -33,6 +35,9 @@ class PreprocessConfig:
       [0, 1] (robust to burned-in labels and collimation), ``"minmax"`` uses min/max, ``"none"``
       keeps the reader's [0, 1] values.
     - ``clahe``: contrast-limited adaptive histogram equalisation after normalisation.
+    - ``roi``: ``"knee_joint"`` first crops the float image to the knee joint(s) found by
+      :func:`osteoscan.roi.detect_knee_joint` (a centre crop when none is found); ``"none"`` keeps
+      the whole image.
     """
 
     size: int = 320
@@ -43,6 +48,7 @@ class PreprocessConfig:
     clahe: bool = False
     clahe_clip: float = 2.0
     clahe_grid: int = 8
+    roi: Literal["none", "knee_joint"] = "none"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, as stored in a model package manifest."""
@@ -90,6 +96,12 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> np.nda
     if image.ndim != 2:
         raise ValueError(f"expected a single-channel (H, W) image, got shape {image.shape}")
     img = np.ascontiguousarray(image, dtype=np.float32)
+    if cfg.roi == "knee_joint":
+        # Crop at full resolution, before resizing, so the joint gets all of the model's pixels.
+        top, left, bottom, right = detect_knee_joint(img).box
+        img = np.ascontiguousarray(img[top:bottom, left:right])
+    elif cfg.roi != "none":
+        raise ValueError(f"unknown roi {cfg.roi!r}; expected 'none' or 'knee_joint'")
     h, w = img.shape
     th, tw = _fit_size(h, w, cfg.size, cfg.resize)
     interp = cv2.INTER_AREA if th * tw < h * w else cv2.INTER_LINEAR
