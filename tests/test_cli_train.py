@@ -59,9 +59,35 @@ def test_cli_train_writes_package_and_logs(folder: Path, tmp_path: Path) -> None
     assert "image only" in res.output and "ROC-AUC" in res.output
 
 
+def test_cli_train_roi_and_clahe_reach_the_package(folder: Path, tmp_path: Path) -> None:
+    """--roi/--clahe land in the manifest's preprocessing, which scan/evaluate replay."""
+    out = tmp_path / "roi-model"
+    res = CliRunner().invoke(app, _args(folder, out, "--quiet", "--roi", "knee_joint", "--clahe"))
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preprocess"]["roi"] == "knee_joint"
+    assert manifest["preprocess"]["clahe"] is True
+    assert manifest["preprocess"]["size"] == 48
+    assert manifest["extra"]["train_config"]["preprocess"] == {"roi": "knee_joint", "clahe": True}
+    assert "--roi knee_joint" in manifest["command"] and "--clahe" in manifest["command"]
+
+
+def test_make_config_merges_preprocess_over_preset() -> None:
+    from osteoscan.train.recipe import PRESETS, make_config
+
+    PRESETS["_t"] = {"preprocess": {"roi": "knee_joint", "clahe": True}}
+    try:
+        cfg = make_config("_t", preprocess={"clahe": False})
+    finally:
+        del PRESETS["_t"]
+    assert cfg.preprocess == {"roi": "knee_joint", "clahe": False}
+    assert make_config("quick").preprocess == {}
+
+
 @pytest.mark.parametrize(
     "extra",
     [
+        ("--roi", "elbow"),
         ("--preset", "nope"),
         ("--positive", "fracture"),
         ("--covariate-columns", "a,b"),
@@ -83,7 +109,8 @@ def test_cli_train_help_lists_options() -> None:
         app, ["train", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
     )
     assert res.exit_code == 0
-    for opt in ("--data", "--preset", "--folds", "--target-sensitivity", "--covariate-columns"):
+    for opt in ("--data", "--preset", "--folds", "--target-sensitivity", "--covariate-columns",
+                "--roi", "--clahe"):  # fmt: skip
         assert opt in res.output
 
 

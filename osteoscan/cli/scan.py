@@ -1,14 +1,97 @@
-"""`osteoscan scan` (placeholder until implemented)."""
+"""``osteoscan scan``: parse options, run :func:`osteoscan.scan.pipeline.run_scan`, render."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from osteoscan.errors import UsageError
+
+
+def _columns(text: str) -> tuple[str, str, str]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3 or not all(parts):
+        raise UsageError("--covariate-columns takes three names: PATH_COL,AGE_COL,SEX_COL")
+    return parts[0], parts[1], parts[2]
 
 
 def register(app: typer.Typer) -> None:
     """Add the `scan` command to the app."""
 
-    @app.command("scan", help="(not implemented yet)")
-    def _cmd() -> None:
-        typer.echo("osteoscan scan: not implemented yet", err=True)
-        raise typer.Exit(2)
+    @app.command("scan")
+    def scan(
+        paths: Annotated[list[Path], typer.Argument(help="Files or folders to scan.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Results CSV to write.")],
+        hdf5: Annotated[
+            Path | None, typer.Option(help="Also write probabilities and heatmaps to HDF5.")
+        ] = None,
+        heatmaps: Annotated[
+            Path | None, typer.Option("--heatmaps", help="Folder for Grad-CAM overlay PNGs.")
+        ] = None,
+        heatmaps_for: Annotated[
+            str, typer.Option(help="Which scored images get a PNG: flagged or all.")
+        ] = "flagged",
+        model: Annotated[
+            list[str] | None,
+            typer.Option("--model", "-m", help="Model package name or folder (repeatable)."),
+        ] = None,
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+        batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 32,
+        workers: Annotated[
+            int | None, typer.Option(help="Reader processes (default: from the machine).")
+        ] = None,
+        body_part: Annotated[
+            str,
+            typer.Option(help="auto, knee or spine: body part of files that state none (PNG)."),
+        ] = "auto",
+        covariates: Annotated[
+            Path | None, typer.Option(help="CSV of age/sex per image (path,age,sex).")
+        ] = None,
+        covariate_columns: Annotated[
+            str, typer.Option(help="Column names in --covariates: PATH,AGE,SEX.")
+        ] = "path,age,sex",
+        include: Annotated[
+            list[str] | None, typer.Option(help="Only files matching this glob (repeatable).")
+        ] = None,
+        exclude: Annotated[
+            list[str] | None, typer.Option(help="Skip files matching this glob (repeatable).")
+        ] = None,
+        threshold: Annotated[
+            float | None, typer.Option(help="Override the model's screening threshold.")
+        ] = None,
+        force: Annotated[bool, typer.Option(help="Rescan images already scanned.")] = False,
+        state: Annotated[
+            Path | None,
+            typer.Option(help="Incremental state file (default: <out stem>.state.sqlite)."),
+        ] = None,
+        include_phi: Annotated[
+            bool,
+            typer.Option(
+                "--include-phi", help="Add patient_id and accession_number columns (PHI!)."
+            ),
+        ] = False,
+        quiet: Annotated[
+            bool, typer.Option("--quiet", "-q", help="Plain timestamped log lines only.")
+        ] = False,
+    ) -> None:
+        """Screen radiographs: one CSV row per image frame, flagged cases, heatmaps."""
+        from osteoscan.cli.progress import make_reporter
+        from osteoscan.scan.pipeline import ScanConfig, run_scan
+
+        cfg = ScanConfig(
+            paths=list(paths), out=out, hdf5=hdf5, heatmaps_dir=heatmaps,
+            heatmaps_for=heatmaps_for,  # type: ignore[arg-type]
+            models=list(model or []), device=device, batch_size=batch_size, workers=workers,
+            body_part=body_part, covariates=covariates,
+            covariate_columns=_columns(covariate_columns), include=list(include or []),
+            exclude=list(exclude or []), threshold=threshold, force=force, quiet=quiet,
+            state=state, include_phi=include_phi,
+        )  # fmt: skip
+        reporter = make_reporter(quiet)
+        try:
+            summary = run_scan(cfg, on_event=reporter)
+        finally:
+            reporter.close()
+        reporter.summary(summary)

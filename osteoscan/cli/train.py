@@ -310,6 +310,16 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
         size: Annotated[int | None, typer.Option("--size", help="Input size in pixels.")] = None,
+        roi: Annotated[
+            str | None,
+            typer.Option(
+                "--roi", help="Region fed to the model: none (whole image) or knee_joint (crop)."
+            ),
+        ] = None,
+        clahe: Annotated[
+            bool | None,
+            typer.Option("--clahe/--no-clahe", help="CLAHE contrast equalisation of the input."),
+        ] = None,
         batch_size: Annotated[
             int | None, typer.Option("--batch-size", help="Training batch size.")
         ] = None,
@@ -338,6 +348,11 @@ def register(app: typer.Typer) -> None:
         cols = _csv_list(covariate_columns)
         if cols is not None and len(cols) != 3:
             raise UsageError("--covariate-columns needs three names: path,age,sex")
+        pre: dict[str, Any] = {}
+        if roi is not None:
+            pre["roi"] = roi
+        if clahe is not None:
+            pre["clahe"] = clahe
         over: dict[str, Any] = {
             "data": data, "out": out, "archs": tuple(arch) if arch else None, "folds": folds,
             "epochs": epochs, "stage1_epochs": stage1_epochs, "unfreeze_blocks": unfreeze_blocks,
@@ -347,7 +362,7 @@ def register(app: typer.Typer) -> None:
             "covariate_columns": cols, "device": device, "seed": seed, "weights": weights,
             "random_init": random_init or None, "size": size, "batch_size": batch_size,
             "name": name or out.name, "body_parts": (body_part,), "cache_dir": cache_dir,
-            "num_threads": threads, "command": _command_line(ctx),
+            "num_threads": threads, "preprocess": pre or None, "command": _command_line(ctx),
         }  # fmt: skip
         cfg = make_config(preset, **over)
         if augment is not None:

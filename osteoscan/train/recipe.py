@@ -31,6 +31,7 @@ from osteoscan.errors import UsageError
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "plateau", "none")
+ROIS: tuple[str, ...] = ("none", "knee_joint")  # PreprocessConfig.roi values
 
 
 @dataclass
@@ -132,6 +133,9 @@ class TrainConfig:
             raise UsageError("--size must be >= 16 pixels")
         if not self.positive:
             raise UsageError("--positive needs at least one class")
+        roi = self.preprocess.get("roi", "none")
+        if roi not in ROIS:
+            raise UsageError(f"--roi must be one of {', '.join(ROIS)}, not {roi!r}")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name or ""):
             raise UsageError(f"model name {self.name!r}: use letters, digits, '.', '_' or '-'")
 
@@ -230,7 +234,12 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     for key, value in overrides.items():
         if key not in known:
             raise TypeError(f"unknown training option {key!r}")
-        if value is not None:
+        if value is None:
+            continue
+        if key == "preprocess" and isinstance(values.get("preprocess"), dict):
+            # Preprocessing options given explicitly refine the preset's, key by key.
+            values[key] = {**values["preprocess"], **value}
+        else:
             values[key] = value
     for key in ("archs", "positive", "body_parts", "covariate_columns"):
         if key in values and isinstance(values[key], (list, str)):

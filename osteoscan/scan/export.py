@@ -1,0 +1,124 @@
+"""Regenerate results.csv, ``<stem>.flagged.csv`` and the HDF5 from the scan state.
+
+The state database (:mod:`osteoscan.scan.state`) is the source of truth; these files are views
+of it, each rewritten whole through a temporary file + fsync + ``os.replace`` (the atomic writers
+of :mod:`osteoscan.writers`). So a run killed at any instant leaves the previous complete files,
+and a rerun rewrites them from the database: same rows, same order (path, then frame), same
+``scanned_at`` per row, whatever number of runs it took to fill the database.
+
+A file is rewritten only when the database changed since it was last written (or the file is
+missing): a nightly run with nothing new costs no rewrite, not even of a large HDF5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from osteoscan.scan.state import ScanState, StoredRow
+from osteoscan.writers import (
+    CsvResultsWriter,
+    Hdf5ResultsWriter,
+    flagged_path_for,
+    result_columns,
+    union_classes,
+)
+
+HDF5_CHUNK = 256  # rows per HDF5 write: bounded memory over any archive size
+
+
+def export_outputs(
+    state: ScanState,
+    out: str | Path,
+    *,
+    flagged: str | Path | None = None,
+    hdf5: str | Path | None = None,
+    classes: Sequence[str] = (),
+    manifests: Mapping[str, Mapping[str, Any]] | None = None,
+    heatmap_size: tuple[int, int] | None = None,
+    extra_columns: Sequence[str] = (),
+    force: bool = False,
+) -> list[Path]:
+    """Rewrite the outputs that are older than the state; returns the paths rewritten.
+
+    ``classes`` (the models of this run) come first in the ``p_<class>`` columns, followed by
+    classes met only in older rows. ``manifests`` (label → manifest dict) and ``heatmap_size``
+    describe the HDF5; without a heatmap size the first stored heatmap's shape is used.
+    ``extra_columns`` are appended to the CSV header (``--include-phi`` identifiers).
+    """
+    out = Path(out)
+    flagged = Path(flagged) if flagged else flagged_path_for(out)
+    gen = state.generation  # export what is committed now; a later batch re-marks it stale
+    all_classes = union_classes([list(classes), state.classes])
+    written: list[Path] = []
+    if force or state.needs_export("csv", out) or state.needs_export("flagged", flagged):
+        columns = [*result_columns(all_classes), *extra_columns]
+        writer = CsvResultsWriter(out, columns, flagged)
+        try:
+            writer.write_rows(state.rows())
+            written += list(writer.commit())
+        except BaseException:
+            writer.abort()  # no temporary file left behind; the previous outputs stay
+            raise
+        state.mark_exported("csv", gen)
+        state.mark_exported("flagged", gen)
+    if hdf5 is not None and (force or state.needs_export("hdf5", hdf5)):
+        written.append(_export_hdf5(state, Path(hdf5), all_classes, manifests or {}, heatmap_size))
+        state.mark_exported("hdf5", gen)
+    return written
+
+
+def _row_classes(row: Mapping[str, Any], n: int) -> list[str]:
+    """The classes of the model that scored ``row``: its p_ keys with a value, in row order."""
+    names = [k[2:] for k, v in row.items() if k.startswith("p_") and v is not None]
+    return names[:n] if n else names
+
+
+def _first_heatmap_shape(state: ScanState) -> tuple[int, int]:
+    for stored in state.stored_rows(status="ok"):
+        if stored.heatmap is not None:
+            return int(stored.heatmap.shape[0]), int(stored.heatmap.shape[1])
+    return (1, 1)
+
+
+def _export_hdf5(
+    state: ScanState,
+    target: Path,
+    classes: list[str],
+    manifests: Mapping[str, Mapping[str, Any]],
+    heatmap_size: tuple[int, int] | None,
+) -> Path:
+    hw = heatmap_size or _first_heatmap_shape(state)
+    writer = Hdf5ResultsWriter(target, classes, max(state.max_members, 1), hw, manifests)
+    try:
+        chunk: list[StoredRow] = []
+        for stored in state.stored_rows(status="ok"):
+            chunk.append(stored)
+            if len(chunk) >= HDF5_CHUNK:
+                _write_chunk(writer, chunk)
+                chunk = []
+        _write_chunk(writer, chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.commit()
+
+
+def _write_chunk(writer: Hdf5ResultsWriter, chunk: list[StoredRow]) -> None:
+    if not chunk:
+        return
+    n_cls, n_mem = len(writer.classes), writer.n_members
+    probs = np.full((len(chunk), n_cls), np.nan, np.float32)
+    members = np.full((len(chunk), n_mem, n_cls), np.nan, np.float32)
+    for i, stored in enumerate(chunk):
+        mp = stored.member_probs
+        row_classes = _row_classes(stored.row, 0 if mp is None else int(mp.shape[-1]))
+        p = np.array([float(stored.row[f"p_{c}"]) for c in row_classes], np.float32)
+        m = mp if mp is not None else p[None, :]
+        a_p, a_m = writer.align(row_classes, p[None, :], np.asarray(m, np.float32)[None])
+        probs[i], members[i] = a_p[0], a_m[0]
+    heatmaps = [None if s.heatmap is None else np.asarray(s.heatmap, np.float32) for s in chunk]
+    writer.write([s.row for s in chunk], probs, members, heatmaps)

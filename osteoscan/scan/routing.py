@@ -1,0 +1,114 @@
+"""Which model package scores which image frame, decided by body part.
+
+Rules (issue 4, "Routing"):
+
+- Each package declares the body parts it serves (``manifest.body_parts``). A frame is scored by
+  the first package given (``--model`` order) that serves its body part.
+- The body part comes from the file when the file says one: a DICOM header naming the knee or the
+  spine (``BodyPartExamined`` or a description, see :mod:`osteoscan.header`) is final, and so is a
+  header naming *another* part (``CHEST``): ``--body-part`` never overrides a header.
+- ``--body-part knee|spine`` applies only to frames whose file carries no body part: PNG, JPEG,
+  TIFF, and DICOMs without any usable body-part information.
+- No serving package → ``skipped`` with a reason a person can act on.
+
+The :class:`Router` is small and picklable: DataLoader workers use it to pick the preprocessing
+of the package that will score each frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from osteoscan.frames import ImageFrame
+
+ROUTABLE_PARTS = ("knee", "spine")
+# osteoscan.header.body_part words a header that names a non-target part this way.
+_OTHER_PART_MARK = "is neither knee nor spine"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Decision for one frame: ``package`` index (or None → skipped) and the body part used."""
+
+    package: int | None
+    body_part: str
+    reason: str = ""  # why skipped; empty when routed
+
+
+def header_names_other_part(frame: ImageFrame) -> bool:
+    """True when the file's header names a specific body part that is neither knee nor spine."""
+    return frame.body_part == "unknown" and _OTHER_PART_MARK in (frame.body_part_reason or "")
+
+
+def file_body_part(frame: ImageFrame) -> str | None:
+    """The body part the *file* states (``knee``/``spine``/``unknown`` for another part), or None.
+
+    None means the file says nothing usable, so ``--body-part`` may apply.
+    """
+    if frame.body_part in ROUTABLE_PARTS:
+        return frame.body_part
+    if header_names_other_part(frame):
+        return "unknown"
+    return None
+
+
+@dataclass
+class Router:
+    """Route frames to packages. ``served[i]`` are the body parts package ``i`` serves.
+
+    ``names[i]`` labels package ``i`` in reasons (e.g. ``"knee-default 1.0"``). ``override`` is
+    the ``--body-part`` value (``None``/``"auto"`` → no override).
+    """
+
+    served: Sequence[Sequence[str]]
+    names: Sequence[str] = ()
+    override: str | None = None
+    _table: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.override in (None, "", "auto"):
+            self.override = None
+        elif self.override not in ROUTABLE_PARTS:
+            raise ValueError(f"--body-part must be auto, knee or spine, not {self.override!r}")
+        for i, parts in enumerate(self.served):
+            for part in parts:
+                # First package given wins when two serve the same part (documented behaviour).
+                self._table.setdefault(str(part).lower(), i)
+
+    def _served_text(self) -> str:
+        if not self.served:
+            return "no model packages loaded"
+        items = []
+        for i, parts in enumerate(self.served):
+            name = self.names[i] if i < len(self.names) else f"package {i}"
+            items.append(f"{name} serves {', '.join(parts) or 'nothing'}")
+        return "; ".join(items)
+
+    def route(self, frame: ImageFrame) -> Route:
+        """Pick the package for ``frame`` (an ``ok`` frame), or say why none applies."""
+        stated = file_body_part(frame)
+        if stated is None and self.override is not None:
+            part, source = self.override, "--body-part"
+        else:
+            part, source = stated or "unknown", frame.body_part_reason or ""
+        if part in self._table:
+            return Route(self._table[part], part)
+        if part == "unknown":
+            detail = f" ({source})" if source else ""
+            hint = (
+                ""
+                if stated == "unknown"
+                else "; if these are knee or spine images, say so with --body-part knee|spine"
+            )
+            return Route(
+                None,
+                part,
+                f"body part unknown{detail}: no model installed for body part unknown{hint}",
+            )
+        return Route(
+            None,
+            part,
+            f"{part} image but no {part} model installed ({self._served_text()}); "
+            f"add a {part} package with --model",
+        )

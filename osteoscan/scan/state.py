@@ -1,0 +1,482 @@
+"""Incremental, crash-safe scan state in SQLite: the source of truth for every output.
+
+A nightly ``osteoscan scan`` over a growing archive must only do new work, and a run killed at
+any instant must neither lose nor duplicate rows. Both follow from one rule: **finished result
+rows are committed to this database first, one transaction per batch, and the CSV / flagged CSV /
+HDF5 are regenerated from it** (temp file + fsync + ``os.replace``). A SIGKILL therefore leaves
+(a) the previous outputs untouched and (b) a database holding every batch committed before the
+kill; the next run plans only the files not marked done and then rewrites the outputs, which
+equal those of an uninterrupted run.
+
+Identity
+    * image identity: ``ImageFrame.image_id`` (SOPInstanceUID [+ ``:frame``] for DICOM, else
+      ``sha256:`` + content hash) - never PHI; stored per row and indexed with the model key so
+      :meth:`ScanState.lookup` can reuse a score for the same image met under another path.
+    * model identity: a *run key* (:func:`run_key`) = hash of the package identities
+      (``osteoscan.package.package_identity``: version + weights sha256s + preprocessing) plus
+      every option that changes a row (threshold, ``--body-part``, covariates file, heatmaps).
+    * file change detection without decoding: ``(size, mtime_ns)`` from one ``stat`` per file.
+      A file is skipped when its stat and the run key equal those stored when it was last
+      *completed* (all of its frames recorded). Anything else - new, changed, interrupted halfway
+      through its frames, other model - is planned again; ``force=True`` plans everything.
+
+Schema (``PRAGMA user_version = 1``)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)            -- generation counter, export marks,
+                                                      -- union of classes, max member count
+    files(path TEXT PRIMARY KEY,                      -- path string exactly as found
+          size INTEGER, mtime_ns INTEGER,             -- stat taken at plan time, before reading
+          sha256 TEXT NULL,                           -- optional, when the pipeline supplies it
+          run_key TEXT, n_frames INTEGER, done_at TEXT)
+    rows(path TEXT, frame INTEGER,                    -- PRIMARY KEY (path, frame): no duplicates
+         image_id TEXT, run_key TEXT, status TEXT, flagged INTEGER, score REAL,
+         row_json TEXT,                               -- the finished CSV row dict
+         member_probs BLOB, member_shape TEXT,        -- float32 (M, C), raw bytes
+         heatmap BLOB, heatmap_shape TEXT,            -- float16 (h, w), zlib-compressed
+         scanned_at TEXT,                             -- time the row was scored; never rewritten
+         gen INTEGER)                                 -- generation of the batch that wrote it
+
+Rows of files that later vanish from the archive stay (results accumulate, as a log of what was
+screened); a changed file's rows are replaced, and frames beyond its new frame count deleted.
+
+Durability: WAL journal + ``synchronous=FULL``. With WAL, NORMAL already survives a process kill
+(committed pages are in the WAL, in the OS cache); FULL adds an fsync of the WAL per commit so a
+*power loss* cannot roll back a batch whose rows already reached a regenerated CSV. We commit once
+per batch (tens of images), so that costs one fsync per batch: negligible next to inference.
+Only one process writes (see :mod:`osteoscan.scan.lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from osteoscan.errors import OutputError
+
+SCHEMA_VERSION = 1
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files(
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT,
+    run_key TEXT NOT NULL, n_frames INTEGER NOT NULL, done_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows(
+    path TEXT NOT NULL, frame INTEGER NOT NULL, image_id TEXT NOT NULL, run_key TEXT NOT NULL,
+    status TEXT NOT NULL, flagged INTEGER NOT NULL, score REAL, row_json TEXT NOT NULL,
+    member_probs BLOB, member_shape TEXT, heatmap BLOB, heatmap_shape TEXT,
+    scanned_at TEXT NOT NULL, gen INTEGER NOT NULL, PRIMARY KEY(path, frame));
+CREATE INDEX IF NOT EXISTS rows_image ON rows(image_id, run_key);
+"""
+
+
+def default_state_path(out: str | Path) -> Path:
+    """``results.csv`` → ``results.state.sqlite`` next to it (the default of ``--state``)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".state.sqlite")
+
+
+def run_key(package_ids: Sequence[str], options: Mapping[str, Any] | None = None) -> str:
+    """Stable key of "what would score a file": package identities + row-changing options.
+
+    ``package_ids`` come from ``osteoscan.package.package_identity``; ``options`` holds anything
+    else that changes a row (threshold override, ``--body-part``, covariates CSV hash, heatmap
+    settings). Order of packages does not matter; the options must be JSON-serialisable.
+    """
+    payload = json.dumps(
+        {"packages": sorted(package_ids), "options": dict(options or {})},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def utc_now() -> str:
+    """UTC time, ISO 8601 with seconds, as written in ``scanned_at``."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class FileSig:
+    """What a file looked like when planned: enough to tell "unchanged" without reading it."""
+
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | Path) -> FileSig | None:
+        """``stat`` the file; ``None`` when it vanished or cannot be stat'ed."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class ResultRow:
+    """One finished row to record: the CSV dict plus the arrays the HDF5 needs.
+
+    ``row`` must hold at least ``path``, ``frame``, ``image_id``, ``status``; ``scanned_at`` is
+    filled with the current time when missing. ``file_frames`` is the number of rows the file
+    produces in total (frames of a multi-frame DICOM; 1 for an error row): the file is marked
+    done, and skipped by later runs, only once all of them are recorded.
+    """
+
+    row: dict[str, Any]
+    file_frames: int = 1
+    member_probs: np.ndarray | None = None
+    heatmap: np.ndarray | None = None
+    file_sha256: str | None = None
+
+
+@dataclass
+class StoredRow:
+    """A row read back from the state, for the writers."""
+
+    row: dict[str, Any]
+    member_probs: np.ndarray | None
+    heatmap: np.ndarray | None
+
+
+@dataclass
+class Plan(Generic[T]):
+    """Outcome of :meth:`ScanState.plan`: the items to read and score, and the ones skipped."""
+
+    todo: list[T] = field(default_factory=list)
+    unchanged: list[T] = field(default_factory=list)
+    unchanged_rows: int = 0
+
+
+def _encode(arr: np.ndarray | None, dtype: str, compress: bool) -> tuple[bytes | None, str | None]:
+    if arr is None:
+        return None, None
+    a = np.ascontiguousarray(np.asarray(arr, dtype=dtype))
+    raw = a.tobytes()
+    return (zlib.compress(raw, 3) if compress else raw), json.dumps(list(a.shape))
+
+
+def _decode(blob: bytes | None, shape: str | None, dtype: str, compressed: bool) -> Any:
+    if blob is None or shape is None:
+        return None
+    raw = zlib.decompress(blob) if compressed else blob
+    return np.frombuffer(raw, dtype=dtype).reshape(json.loads(shape))
+
+
+class ScanState:
+    """The SQLite store of one ``--out`` (see the module docstring for schema and guarantees)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+        self._planned: dict[str, FileSig] = {}
+        self._frames_seen: dict[str, set[int]] = {}
+        self._counts = {"new": 0, "ok": 0, "skipped": 0, "failed": 0, "flagged": 0}
+        self._plan_counts = {"unchanged": 0, "unchanged_rows": 0, "todo": 0}
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> ScanState:
+        """Open (creating when needed) the state database at ``path``."""
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
+            conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            # Replaced rows are zeroed, not left in free pages: a rescan without --include-phi
+            # must not leave identifiers of an earlier --include-phi run inside the file.
+            conn.execute("PRAGMA secure_delete=ON")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise OutputError(
+                    f"state file {path} has schema version {version}, this osteoscan knows "
+                    f"{SCHEMA_VERSION}; use another --state file or upgrade osteoscan"
+                )
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise OutputError(f"cannot open the scan state {path}: {exc}") from exc
+        except OSError as exc:
+            raise OutputError(f"cannot create the scan state {path}: {exc.strerror}") from exc
+        return cls(path, conn)
+
+    def close(self) -> None:
+        """Close the database (a checkpoint folds the WAL back into the main file)."""
+        # a failed checkpoint loses nothing: the WAL is replayed on next open
+        with contextlib.suppress(sqlite3.DatabaseError):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.close()
+
+    def __enter__(self) -> ScanState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- meta --------------------------------------------------------------------------------
+    def _meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    @property
+    def generation(self) -> int:
+        """Counter bumped by every :meth:`record` transaction (tells writers whether to rewrite)."""
+        return int(self._meta("generation", "0") or 0)
+
+    @property
+    def classes(self) -> list[str]:
+        """Union of the ``p_<class>`` columns of all stored rows, in first-seen order."""
+        return list(json.loads(self._meta("classes", "[]") or "[]"))
+
+    @property
+    def max_members(self) -> int:
+        """Largest ensemble (member count) among stored rows: the HDF5 member axis."""
+        return int(self._meta("max_members", "0") or 0)
+
+    def needs_export(self, name: str, target: str | Path | None = None) -> bool:
+        """True when output ``name`` is older than the rows (or ``target`` is missing)."""
+        if target is not None and not Path(target).exists():
+            return True
+        return self._meta(f"exported:{name}") != str(self.generation)
+
+    def mark_exported(self, name: str, generation: int | None = None) -> None:
+        """Remember that output ``name`` reflects ``generation`` (call after ``os.replace``)."""
+        gen = self.generation if generation is None else generation
+        self._conn.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (f"exported:{name}", str(gen))
+        )
+
+    def bump_suspect(self, path: str) -> int:
+        """Count one more run that died while reading ``path``; returns the count so far.
+
+        The count resets when the file is recorded (read to the end) by a later run.
+        """
+        key = f"suspect:{path}"
+        hits = int(self._meta(key, "0") or 0) + 1
+        self._conn.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(hits))
+        )
+        return hits
+
+    # -- planning ----------------------------------------------------------------------------
+    def plan(
+        self,
+        found: Iterable[T],
+        run_key: str,
+        force: bool = False,
+        *,
+        path_of: Any = None,
+    ) -> Plan[T]:
+        """Split discovered items into those to (re)scan and those unchanged since last time.
+
+        ``found`` items are anything with a ``.path`` (``osteoscan.discover.Found``) or plain
+        paths; ``path_of`` overrides how the path string is taken. Costs one ``stat`` per file
+        and one indexed lookup: nothing is read or decoded.
+        """
+        get_path = path_of or (lambda f: str(getattr(f, "path", f)))
+        known = {
+            p: (s, m, k, n)
+            for p, s, m, k, n in self._conn.execute(
+                "SELECT path, size, mtime_ns, run_key, n_frames FROM files"
+            )
+        }
+        plan: Plan[T] = Plan()
+        for item in found:
+            path = get_path(item)
+            sig = FileSig.of(path) or FileSig(-1, -1)
+            self._planned[path] = sig
+            prev = known.get(path)
+            if (
+                not force
+                and prev is not None
+                and prev[2] == run_key
+                and (prev[0], prev[1]) == (sig.size, sig.mtime_ns)
+                and sig.size >= 0
+            ):
+                plan.unchanged.append(item)
+                plan.unchanged_rows += prev[3]
+            else:
+                plan.todo.append(item)
+        self._plan_counts["unchanged"] += len(plan.unchanged)
+        self._plan_counts["unchanged_rows"] += plan.unchanged_rows
+        self._plan_counts["todo"] += len(plan.todo)
+        return plan
+
+    # -- recording ---------------------------------------------------------------------------
+    def record(self, results: Sequence[ResultRow], run_key: str) -> int:
+        """Commit one batch of finished rows in a single transaction; returns the generation.
+
+        A file whose ``file_frames`` rows have all been recorded in this run is marked done with
+        the stat taken at plan time (a file modified while being read is thus rescanned next
+        time). Frames of a done file beyond ``file_frames`` (left from an older version) go.
+        """
+        if not results:
+            return self.generation
+        try:
+            return self._record(results, run_key)
+        except sqlite3.OperationalError as exc:
+            self._rollback()  # the whole batch or nothing
+            msg = str(exc)
+            if "full" in msg or "disk" in msg or "I/O" in msg or "readonly" in msg:
+                raise OutputError(
+                    f"cannot write the scan state {self.path}: {msg}; rows committed before "
+                    "this batch are intact - free space or fix permissions and re-run"
+                ) from exc
+            raise
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.DatabaseError):
+            self._conn.execute("ROLLBACK")
+
+    def _record(self, results: Sequence[ResultRow], run_key: str) -> int:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        gen = self.generation + 1
+        done: list[tuple[str, int, str | None]] = []
+        # frame bookkeeping and counters change only once the transaction has committed
+        seen_now = {p: set(f) for p, f in self._frames_seen.items()}
+        statuses: list[tuple[str, bool]] = []
+        classes = self.classes
+        n_members = self.max_members
+        for res in results:
+            row = dict(res.row)
+            row.setdefault("scanned_at", utc_now())
+            path, frame = str(row["path"]), int(row["frame"])
+            mp, mp_shape = _encode(res.member_probs, "float32", compress=False)
+            hm, hm_shape = _encode(res.heatmap, "float16", compress=True)
+            status = str(row.get("status", ""))
+            flagged = row.get("flagged") in (True, "true", 1, "1")
+            score = row.get("score")
+            conn.execute(
+                "INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    path,
+                    frame,
+                    str(row.get("image_id", "")),
+                    run_key,
+                    status,
+                    int(flagged),
+                    float(score) if isinstance(score, (int, float)) else None,
+                    json.dumps(row, default=_json_default),
+                    mp,
+                    mp_shape,
+                    hm,
+                    hm_shape,
+                    str(row["scanned_at"]),
+                    gen,
+                ),
+            )
+            seen = seen_now.setdefault(path, set())
+            seen.add(frame)
+            if len(seen) >= res.file_frames:
+                done.append((path, res.file_frames, res.file_sha256))
+            statuses.append((status, flagged))
+            classes += [k[2:] for k in row if k.startswith("p_") and k[2:] not in classes]
+            if res.member_probs is not None:
+                n_members = max(n_members, int(np.shape(res.member_probs)[0]))
+        now = utc_now()
+        for path, n_frames, sha in done:
+            sig = self._planned.get(path) or FileSig.of(path) or FileSig(-1, -1)
+            conn.execute("DELETE FROM rows WHERE path=? AND frame>=?", (path, n_frames))
+            conn.execute("DELETE FROM meta WHERE key=?", (f"suspect:{path}",))
+            conn.execute(
+                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)",
+                (path, sig.size, sig.mtime_ns, sha, run_key, n_frames, now),
+            )
+            seen_now.pop(path, None)
+        for key, value in (
+            ("generation", str(gen)),
+            ("classes", json.dumps(classes)),
+            ("max_members", str(n_members)),
+        ):
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        conn.execute("COMMIT")
+        self._frames_seen = seen_now
+        for status, flagged in statuses:
+            self._count(status, flagged)
+        return gen
+
+    def _count(self, status: str, flagged: bool) -> None:
+        self._counts["new"] += 1
+        key = "failed" if status == "error" else status
+        if key in self._counts:
+            self._counts[key] += 1
+        if flagged:
+            self._counts["flagged"] += 1
+
+    # -- reading back ------------------------------------------------------------------------
+    def lookup(self, image_id: str, run_key: str) -> dict[str, Any] | None:
+        """The stored row of the same image scored with the same run key, if any.
+
+        Lets a pipeline reuse a score when an already-scored image reappears under another path
+        (copied or moved) without running the model again.
+        """
+        if not image_id:
+            return None
+        row = self._conn.execute(
+            "SELECT row_json FROM rows WHERE image_id=? AND run_key=? AND status='ok' LIMIT 1",
+            (image_id, run_key),
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def rows(self, *, flagged_only: bool = False) -> Iterator[dict[str, Any]]:
+        """CSV row dicts in the stable output order: by path, then frame.
+
+        ``flagged_only`` gives the flagged rows, highest score first (the flagged CSV order),
+        ties broken by path and frame so the file is reproducible.
+        """
+        if flagged_only:
+            sql = "SELECT row_json FROM rows WHERE flagged=1 ORDER BY score DESC, path, frame"
+        else:
+            sql = "SELECT row_json FROM rows ORDER BY path, frame"
+        for (text,) in self._conn.execute(sql):
+            yield json.loads(text)
+
+    def stored_rows(self, *, status: str | None = None) -> Iterator[StoredRow]:
+        """Rows with their member probabilities and heatmaps (for the HDF5), in output order."""
+        sql = "SELECT row_json, member_probs, member_shape, heatmap, heatmap_shape FROM rows"
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            sql += " WHERE status=?"
+            args = (status,)
+        for text, mp, mps, hm, hms in self._conn.execute(sql + " ORDER BY path, frame", args):
+            yield StoredRow(
+                json.loads(text),
+                _decode(mp, mps, "float32", compressed=False),
+                _decode(hm, hms, "float16", compressed=True),
+            )
+
+    def n_rows(self) -> int:
+        """Number of rows stored (all runs)."""
+        return int(self._conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+
+    def summary(self) -> dict[str, int]:
+        """Counts of this session: rows ``new`` (scored/recorded now) of which ``ok`` /
+        ``skipped`` / ``failed`` / ``flagged``; files ``unchanged`` (skipped without reading)
+        and their rows ``unchanged_rows``; ``todo`` files planned; ``total_rows`` stored."""
+        return {**self._counts, **self._plan_counts, "total_rows": self.n_rows()}
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy scalars and paths inside row dicts become plain JSON values."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)

@@ -1,0 +1,375 @@
+"""Scan outputs: results CSV, ``<stem>.flagged.csv``, HDF5 and heatmap PNGs — all atomic.
+
+Writers consume what the pipeline produces per batch — row dicts keyed by
+:func:`result_columns` plus NumPy arrays — so incremental runs can feed them old and new rows
+alike. Every file is written to a temporary file in the target folder and only replaces the
+target after ``fsync`` (:meth:`commit`); a run that fails or is killed leaves the previous
+outputs untouched and no partial file under the target name.
+
+CSV values: probabilities, score, threshold and uncertainty with 6 decimals, ``flagged`` as
+``true``/``false``, missing values empty. Heatmap PNG names derive from a hash of the image_id,
+never from patient data or the original file name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from osteoscan import __version__
+from osteoscan.errors import OutputError
+
+# The fixed columns of results.csv (DESIGN.md), around the model-dependent p_<class> columns.
+COLUMNS_BEFORE_PROBS: tuple[str, ...] = (
+    "path", "frame", "image_id", "status", "reason", "body_part", "model",
+)  # fmt: skip
+COLUMNS_AFTER_PROBS: tuple[str, ...] = (
+    "prediction", "score", "threshold", "flagged", "uncertainty", "heatmap", "scanned_at",
+    "covariates",
+)  # fmt: skip
+RESULT_COLUMNS: tuple[str, ...] = COLUMNS_BEFORE_PROBS + COLUMNS_AFTER_PROBS
+HEATMAP_METHOD = (
+    "Grad-CAM on each member's cam_layer, target = summed positive-class logits / temperature; "
+    "ReLU, bilinear upsampling to the model input, mean over members"
+)
+HEATMAP_NORMALISATION = "fused map divided by its per-image maximum (range [0, 1]); 0 when flat"
+_FLOAT_COLUMNS = {"score", "threshold", "uncertainty"}
+
+
+def union_classes(class_lists: Iterable[Sequence[str]]) -> list[str]:
+    """Classes of several models in first-seen order (the p_<class> columns of a mixed scan)."""
+    out: list[str] = []
+    for classes in class_lists:
+        out.extend(c for c in classes if c not in out)
+    return out
+
+
+def result_columns(classes: Sequence[str]) -> list[str]:
+    """The results.csv header for models with ``classes`` (DESIGN.md order + ``covariates``)."""
+    return [*COLUMNS_BEFORE_PROBS, *(f"p_{c}" for c in classes), *COLUMNS_AFTER_PROBS]
+
+
+def utc_now() -> str:
+    """UTC time, ISO 8601 with seconds (the ``scanned_at`` column)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def format_value(column: str, value: Any) -> str:
+    """One CSV cell: floats with 6 decimals, booleans lower-case, None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if column.startswith("p_") or column in _FLOAT_COLUMNS:
+        v = float(value)
+        return "" if np.isnan(v) else f"{v:.6f}"
+    return str(value)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # not every file system can fsync a folder; the rename itself is done
+
+
+def _output_error(target: Path, exc: OSError) -> OutputError:
+    return OutputError(
+        f"cannot write {target}: {exc.strerror or exc}. Earlier results are intact; fix the "
+        "cause and re-run."
+    )
+
+
+class _AtomicFile:
+    """A temporary file next to ``target`` that replaces it on :meth:`commit`."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = Path(target)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(
+                prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent
+            )
+        except OSError as exc:
+            raise _output_error(self.target, exc) from exc
+        os.close(fd)
+        self.tmp = Path(name)
+        self.done = False
+
+    def commit(self) -> Path:
+        try:
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(self.tmp, 0o644)
+            os.replace(self.tmp, self.target)
+        except OSError as exc:
+            self.abort()
+            raise _output_error(self.target, exc) from exc
+        self.done = True
+        _fsync_dir(self.target.parent)
+        return self.target
+
+    def abort(self) -> None:
+        if not self.done:
+            self.tmp.unlink(missing_ok=True)
+            self.done = True
+
+
+def flagged_path_for(out: str | Path) -> Path:
+    """``results.csv`` → ``results.flagged.csv`` next to it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.flagged.csv")
+
+
+def write_csv_atomic(target: str | Path, columns: Sequence[str], rows: Iterable[Mapping]) -> Path:
+    """Write a whole CSV atomically (temp + fsync + ``os.replace``)."""
+    f = _AtomicFile(target)
+    try:
+        with open(f.tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(columns)
+            for row in rows:
+                w.writerow([format_value(c, row.get(c)) for c in columns])
+    except OSError as exc:
+        f.abort()
+        raise _output_error(f.target, exc) from exc
+    except BaseException:
+        f.abort()
+        raise
+    return f.commit()
+
+
+class CsvResultsWriter:
+    """Stream rows to a temporary results CSV; :meth:`commit` publishes it and the flagged CSV.
+
+    Only flagged rows are kept in memory (for sorting), so memory stays flat over large scans.
+    """
+
+    def __init__(
+        self, path: str | Path, columns: Sequence[str], flagged_path: str | Path | None = None
+    ) -> None:
+        self.columns = list(columns)
+        self.path = Path(path)
+        self.flagged_path = Path(flagged_path) if flagged_path else flagged_path_for(path)
+        self._file = _AtomicFile(self.path)
+        self._fh = open(self._file.tmp, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        self._csv = csv.writer(self._fh)
+        self._csv.writerow(self.columns)
+        self._flagged: list[dict[str, Any]] = []
+        self.n_rows = 0
+
+    def write_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append rows (dicts keyed by column name; missing keys are empty)."""
+        try:
+            for row in rows:
+                self._csv.writerow([format_value(c, row.get(c)) for c in self.columns])
+                self.n_rows += 1
+                if row.get("flagged") is True or row.get("flagged") is np.True_:
+                    self._flagged.append(dict(row))
+        except OSError as exc:
+            self.abort()
+            raise _output_error(self.path, exc) from exc
+
+    def commit(self) -> tuple[Path, Path]:
+        """Publish ``results.csv`` and ``<stem>.flagged.csv`` (highest score first)."""
+        try:
+            self._fh.flush()
+            self._fh.close()
+        except OSError as exc:
+            self.abort()
+            raise _output_error(self.path, exc) from exc
+        flagged = sorted(self._flagged, key=lambda r: -float(r.get("score") or 0.0))
+        write_csv_atomic(self.flagged_path, self.columns, flagged)
+        self._file.commit()
+        return self.path, self.flagged_path
+
+    def abort(self) -> None:
+        """Drop the temporary file; the previous outputs stay as they were."""
+        with contextlib.suppress(OSError):
+            self._fh.close()
+        self._file.abort()
+
+
+def heatmap_name(image_id: str) -> str:
+    """PNG file name for an image: a hash of its image_id (no patient data, no file name)."""
+    return hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:24] + ".png"
+
+
+def write_heatmap_png(folder: str | Path, image_id: str, overlay_rgb: np.ndarray) -> Path:
+    """Write an RGB uint8 overlay as ``<folder>/<hash>.png`` atomically; returns the path."""
+    target = Path(folder) / heatmap_name(image_id)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OutputError(f"could not encode heatmap PNG for {target.name}")
+    f = _AtomicFile(target)
+    try:
+        with open(f.tmp, "wb") as fh:
+            fh.write(buf.tobytes())
+    except OSError as exc:
+        f.abort()
+        raise _output_error(target, exc) from exc
+    return f.commit()
+
+
+class Hdf5ResultsWriter:
+    """Appendable HDF5 of scored rows (DESIGN.md "HDF5"), published atomically on commit.
+
+    Datasets (row-aligned, N = scored rows): ``path``, ``image_id``, ``model`` (UTF-8 strings),
+    ``frame`` (int32), ``probs`` (N×C float32, NaN for classes a row's model lacks),
+    ``member_probs`` (N×M×C float32, NaN-padded when models have fewer members), ``score``,
+    ``uncertainty`` (float32), ``flagged`` (bool), ``has_heatmap`` (bool) and ``heatmaps``
+    (N×h×w float16 in [0, 1], one chunk per image, gzip; zeros where ``has_heatmap`` is false).
+    Root attributes: ``classes``, ``manifest`` (JSON of the first model), ``manifests`` (JSON
+    object of all, by model label), ``heatmap_method``, ``heatmap_normalisation``,
+    ``osteoscan_version``, ``created_at``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        classes: Sequence[str],
+        n_members: int,
+        heatmap_size: tuple[int, int],
+        manifests: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self.classes = list(classes)
+        self.n_members = int(n_members)
+        self.hw = (int(heatmap_size[0]), int(heatmap_size[1]))
+        self._file = _AtomicFile(self.path)
+        try:
+            self._h5 = h5py.File(self._file.tmp, "w")
+            self._create(manifests)
+        except OSError as exc:
+            self._file.abort()
+            raise _output_error(self.path, exc) from exc
+        self.n_rows = 0
+
+    def _create(self, manifests: Mapping[str, Mapping[str, Any]]) -> None:
+        import h5py
+
+        h5, c, m = self._h5, len(self.classes), self.n_members
+        text = h5py.string_dtype("utf-8")
+        for name in ("path", "image_id", "model"):
+            h5.create_dataset(name, (0,), maxshape=(None,), dtype=text, chunks=(1024,))
+        h5.create_dataset("frame", (0,), maxshape=(None,), dtype="i4", chunks=(1024,))
+        for name in ("score", "uncertainty"):
+            h5.create_dataset(name, (0,), maxshape=(None,), dtype="f4", chunks=(1024,))
+        for name in ("flagged", "has_heatmap"):
+            h5.create_dataset(name, (0,), maxshape=(None,), dtype="?", chunks=(1024,))
+        h5.create_dataset("probs", (0, c), maxshape=(None, c), dtype="f4", chunks=(256, c))
+        h5.create_dataset(
+            "member_probs", (0, m, c), maxshape=(None, m, c), dtype="f4", chunks=(256, m, c)
+        )
+        h5.create_dataset(
+            "heatmaps", (0, *self.hw), maxshape=(None, *self.hw), dtype="f2",
+            chunks=(1, *self.hw), compression="gzip", compression_opts=4, shuffle=True,
+        )  # fmt: skip
+        labels = list(manifests)
+        h5.attrs["classes"] = json.dumps(self.classes)
+        h5.attrs["manifest"] = json.dumps(manifests[labels[0]] if labels else {})
+        h5.attrs["manifests"] = json.dumps(dict(manifests))
+        h5.attrs["heatmap_method"] = HEATMAP_METHOD
+        h5.attrs["heatmap_normalisation"] = HEATMAP_NORMALISATION
+        h5.attrs["osteoscan_version"] = __version__
+        h5.attrs["created_at"] = utc_now()
+
+    def write(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        probs: np.ndarray,
+        member_probs: np.ndarray,
+        heatmaps: Sequence[np.ndarray | None],
+    ) -> None:
+        """Append scored rows. ``probs`` (N×C) and ``member_probs`` (N×M×C) use this writer's
+        class order already (see :meth:`align`); heatmaps are resized to the file's h×w."""
+        n = len(rows)
+        if n == 0:
+            return
+        start, stop = self.n_rows, self.n_rows + n
+        h5 = self._h5
+        try:
+            for name in h5:
+                h5[name].resize(stop, axis=0)
+            h5["path"][start:stop] = [str(r["path"]) for r in rows]
+            h5["image_id"][start:stop] = [str(r["image_id"]) for r in rows]
+            h5["model"][start:stop] = [str(r.get("model") or "") for r in rows]
+            h5["frame"][start:stop] = [int(r.get("frame") or 0) for r in rows]
+            h5["score"][start:stop] = [float(r["score"]) for r in rows]
+            h5["uncertainty"][start:stop] = [float(r.get("uncertainty") or 0.0) for r in rows]
+            h5["flagged"][start:stop] = [bool(r["flagged"]) for r in rows]
+            h5["probs"][start:stop] = probs.astype(np.float32)
+            h5["member_probs"][start:stop] = member_probs.astype(np.float32)
+            h5["has_heatmap"][start:stop] = [hm is not None for hm in heatmaps]
+            ds = h5["heatmaps"]
+            for i, hm in enumerate(heatmaps):
+                if hm is None:
+                    continue  # unwritten chunks read back as zeros (fill value) and cost nothing
+                if hm.shape != self.hw:
+                    hm = cv2.resize(hm, (self.hw[1], self.hw[0]), interpolation=cv2.INTER_LINEAR)
+                ds[start + i] = np.clip(hm, 0.0, 1.0).astype(np.float16)
+        except OSError as exc:
+            self.abort()
+            raise _output_error(self.path, exc) from exc
+        self.n_rows = stop
+
+    def align(
+        self, classes: Sequence[str], probs: np.ndarray, member_probs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Map one model's (N×C'), (N×M'×C') arrays onto this file's classes and member count."""
+        n = probs.shape[0]
+        out_p = np.full((n, len(self.classes)), np.nan, np.float32)
+        out_m = np.full((n, self.n_members, len(self.classes)), np.nan, np.float32)
+        for j, c in enumerate(classes):
+            k = self.classes.index(c)
+            out_p[:, k] = probs[:, j]
+            out_m[:, : member_probs.shape[1], k] = member_probs[:, :, j]
+        return out_p, out_m
+
+    def commit(self) -> Path:
+        """Close and publish the file."""
+        try:
+            self._h5.close()
+        except OSError as exc:
+            self.abort()
+            raise _output_error(self.path, exc) from exc
+        return self._file.commit()
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        # Closing a broken file must not mask the error that made us abort.
+        with contextlib.suppress(Exception):
+            self._h5.close()
+        self._file.abort()
+
+
+def read_hdf5(path: str | Path) -> dict[str, Any]:
+    """Load a results HDF5 into a dict of NumPy arrays / lists plus ``attrs`` (tests, analysis)."""
+    import h5py
+
+    out: dict[str, Any] = {}
+    with h5py.File(path, "r") as h5:
+        for name, ds in h5.items():
+            data = ds[()]
+            if ds.dtype.kind == "O":
+                data = [v.decode() if isinstance(v, bytes) else str(v) for v in data]
+            out[name] = data
+        out["attrs"] = {k: h5.attrs[k] for k in h5.attrs}
+    return out
