@@ -30,6 +30,7 @@ new file, stay intact.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -338,3 +339,20 @@ def atomic_write(target: str | Path, write: Callable[[Path], None]) -> Path:
         except OSError:
             pass  # some file systems cannot fsync a directory; the rename is done anyway
     return target
+
+
+def tidy_inflight(inflight_dir: str | Path | None) -> None:
+    """Remove the empty in-flight logs of finished readers (and the folder when it empties).
+
+    Only empty logs go: a non-empty one is evidence of a reader that died mid-file, which the
+    next run's :func:`orphaned_inflight` turns into an error row.
+    """
+    if inflight_dir is None or not Path(inflight_dir).is_dir():
+        return
+    d = Path(inflight_dir)
+    for log in d.glob("*.inflight"):
+        with contextlib.suppress(OSError):
+            if log.stat().st_size == 0:
+                log.unlink()
+    with contextlib.suppress(OSError):
+        d.rmdir()  # fails, harmlessly, while anything is left in it

@@ -39,6 +39,7 @@ from torch import nn
 from osteoscan import __version__
 from osteoscan.archs import create_model, get_arch
 from osteoscan.errors import ModelIntegrityError, OsteoscanError
+from osteoscan.hashing import file_sha256
 from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_MODEL = "knee-default"
@@ -195,11 +196,7 @@ class ModelPackage:
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,7 +11,6 @@ MONOCHROME1 inversion). Per-frame rescale and window values of enhanced multi-fr
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from osteoscan import header
 from osteoscan.frames import ImageFrame, ReadLimits
+from osteoscan.hashing import content_image_id
 from osteoscan.readers import codecs, pixels
 
 __all__ = ["read_dicom", "non_image_reason"]
@@ -194,11 +194,7 @@ def _expected_bytes(
 
 
 def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()[:32]
+    return content_image_id(path)
 
 
 def _frame_image(

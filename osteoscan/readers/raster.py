@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import cv2
 import numpy as np
 
 from osteoscan.frames import ImageFrame, ReadLimits
+from osteoscan.hashing import content_image_id
 from osteoscan.readers import pixels
 
 __all__ = ["read_raster", "file_image_id"]
@@ -44,11 +44,7 @@ _FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "jpeg2000": "JPEG
 
 def file_image_id(path: str | Path) -> str:
     """``"sha256:"`` + first 32 hex digits of the file's SHA-256 (content identity)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()[:32]
+    return content_image_id(path)
 
 
 def _header(path: Path) -> tuple[int, int, int, int]:

@@ -39,6 +39,7 @@ from osteoscan.guards import (
     guarded_read,
     limit_memory,
     orphaned_inflight,
+    tidy_inflight,
 )
 from osteoscan.scan.export import export_outputs
 from osteoscan.scan.lock import LockSet, lock_path_for
@@ -171,6 +172,7 @@ class IncrementalRun:
         self._old_handlers.clear()
         try:
             self.state.close()
+            tidy_inflight(self.inflight_dir)
         finally:
             self.locks.release()
 

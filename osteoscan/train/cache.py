@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from osteoscan.hashing import file_sha256
 from osteoscan.preprocess import PreprocessConfig, preprocess
 from osteoscan.train.dedup import Fingerprint, fingerprint
 
@@ -48,15 +49,6 @@ class CachedImage:
     body_part: str = "unknown"
     sha256: str = ""
     from_disk: bool = False
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def preprocess_key(cfg: PreprocessConfig) -> str:

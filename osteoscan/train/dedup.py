@@ -34,6 +34,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from osteoscan.hashing import file_sha256
 from osteoscan.train.data import LabelledSample
 
 HASH_SIDE = 256  # images are downscaled to this long side before perceptual hashing
@@ -137,15 +138,6 @@ def fingerprint(image: np.ndarray) -> Fingerprint:
     lo, hi = np.percentile(small, [1.0, 99.0])
     small = np.clip((small - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
     return Fingerprint(pixel_hash=digest, phash=ph, small=small)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_near(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
