@@ -98,7 +98,8 @@ def decode_failure_reason(uid: str, message: str) -> str:
     if "12-bit" in message and "JPEG Extended" in message:
         return (
             f"{name} transfer syntax with 12-bit samples: no installed decoder supports it — "
-            "pip install pylibjpeg-libjpeg (GPL-3.0 licensed, hence not installed by default)"
+            "pip install 'osteoscan[gpl]' (pylibjpeg-libjpeg, GPL-3.0 licensed, "
+            "hence not installed by default)"
         )
     first = message.strip().splitlines()[-1].strip() if message.strip() else "unknown error"
     return f"cannot decode {name} pixel data: {first[:200]}"

@@ -1,0 +1,265 @@
+"""Model package manifests without torch: read, resolve, identify (``manifest.json``).
+
+Everything here is plain JSON and file-system work, so a caller that only needs to know *which*
+package it would run - the no-op fast path of a nightly ``osteoscan scan`` (the run key is
+:func:`package_identity`), ``osteoscan models``, ``--help`` - never imports torch.
+:mod:`osteoscan.package` re-exports all public names and adds saving, verifying and loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from osteoscan.errors import ModelIntegrityError, OsteoscanError
+
+DEFAULT_MODEL = "knee-default"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ENV_MODELS = "OSTEOSCAN_MODELS"
+# Same values as osteoscan.preprocess.IMAGENET_MEAN/STD (tested equal); repeated here because
+# preprocess imports torch and cv2.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class ModelNotFoundError(OsteoscanError):
+    """No model package by that name or path (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One ensemble member: architecture, weights file (+ sha256) and how to feed it.
+
+    ``weights`` and ``sha256`` are filled in by :func:`save_package`. ``dtype`` is the storage
+    dtype of the weights file. ``fold`` is the cross-validation fold that produced the member.
+    """
+
+    arch: str
+    weights: str = ""
+    sha256: str = ""
+    input_size: int = 224
+    temperature: float = 1.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    fold: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    pretrained: str = ""
+    dtype: Literal["float32", "float16"] = "float32"
+
+    @classmethod
+    def for_arch(cls, arch: str, input_size: int | None = None, **kwargs: Any) -> MemberSpec:
+        """A spec whose size and normalisation come from the registry's :class:`ArchSpec`."""
+        from osteoscan.archs import get_arch  # torch: only when building a new spec
+
+        spec = get_arch(arch)
+        size = input_size or spec.default_size
+        return cls(arch=arch, input_size=size, mean=spec.mean, std=spec.std, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemberSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        d = _known(cls, data, "member")
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(float(v) for v in d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to run a package and to know how it was made (``manifest.json``).
+
+    Free-form extras that fit no field go into ``extra`` (unknown top-level keys are refused so
+    a typo can never be silently ignored).
+    """
+
+    name: str
+    version: str
+    classes: list[str]
+    positive_classes: list[str] = field(default_factory=list)
+    threshold: float = 0.5
+    target_sensitivity: float | None = None
+    body_parts: list[str] = field(default_factory=lambda: ["knee"])
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    covariates: list[str] = field(default_factory=list)
+    members: list[MemberSpec] = field(default_factory=list)
+    fusion: dict[str, Any] | None = None
+    training_data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    osteoscan_version: str = ""
+    command: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, as written to ``manifest.json``."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["members"] = [m.to_dict() for m in self.members]
+        return json.loads(json.dumps(d))  # deep copy; fails early on non-JSON values
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Inverse of :meth:`to_dict`; refuses newer schema versions and unknown keys."""
+        version = int(data.get("schema_version", SCHEMA_VERSION))
+        if version > SCHEMA_VERSION:
+            raise ModelIntegrityError(
+                f"manifest schema version {version} is newer than this osteoscan supports "
+                f"({SCHEMA_VERSION}); upgrade osteoscan"
+            )
+        d = _known(cls, data, "manifest")
+        d["members"] = [MemberSpec.from_dict(m) for m in d.get("members", [])]
+        return cls(**d)
+
+    def validate(self) -> None:
+        """Raise :class:`ModelIntegrityError` when the manifest is inconsistent."""
+        problems = []
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            problems.append(f"name {self.name!r} must be non-empty [A-Za-z0-9._-]")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            problems.append(f"classes must be >= 2 distinct names, got {self.classes}")
+        if not self.positive_classes or not set(self.positive_classes) <= set(self.classes):
+            problems.append(f"positive_classes {self.positive_classes} not a subset of classes")
+        if not self.version:
+            problems.append("version must be non-empty")
+        if not self.body_parts or not set(self.body_parts) <= {"knee", "spine"}:
+            problems.append(
+                f"body_parts {self.body_parts} must be a non-empty subset of knee, spine"
+            )
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            problems.append(f"threshold {self.threshold} outside [0, 1]")
+        if not self.members:
+            problems.append("no members")
+        for m in self.members:
+            if m.temperature <= 0:
+                problems.append(f"member {m.arch}: temperature must be > 0")
+        if problems:
+            raise ModelIntegrityError("invalid manifest: " + "; ".join(problems))
+
+
+def _known(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ModelIntegrityError(f"{what} must be a JSON object")
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ModelIntegrityError(f"unknown {what} key(s): {', '.join(sorted(unknown))}")
+    return dict(data)
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The :class:`Manifest` of a package folder (or of a ``manifest.json`` path)."""
+    path = Path(path)
+    mpath = path if path.name == MANIFEST else path / MANIFEST
+    try:
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelIntegrityError(f"{mpath} is missing: not a model package") from None
+    except (OSError, ValueError) as exc:
+        raise ModelIntegrityError(f"{mpath} is unreadable or not valid JSON: {exc}") from exc
+    try:
+        return Manifest.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ModelIntegrityError(f"{mpath}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def search_dirs() -> list[Path]:
+    """Where package names are looked up: ``$OSTEOSCAN_MODELS`` (``os.pathsep``-separated),
+    ``./models``, then the ``models/`` folder next to the installed source tree."""
+    dirs = [Path(p) for p in os.environ.get(ENV_MODELS, "").split(os.pathsep) if p]
+    import osteoscan
+
+    dirs += [Path.cwd() / "models", Path(osteoscan.__file__).resolve().parents[1] / "models"]
+    seen, out = set(), []
+    for d in dirs:
+        key = str(d.resolve()) if d.exists() else str(d)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def resolve_package(ref: str | Path | None) -> Path:
+    """Folder of the package ``ref``: a path to a package folder (or its ``manifest.json``), or a
+    name searched in :func:`search_dirs`; ``None`` means :data:`DEFAULT_MODEL`."""
+    ref = DEFAULT_MODEL if ref is None else ref
+    as_path = Path(ref)
+    if isinstance(ref, Path) or os.sep in str(ref) or as_path.exists():
+        if as_path.name == MANIFEST:
+            as_path = as_path.parent
+        if (as_path / MANIFEST).is_file():
+            return as_path.absolute()
+        raise ModelNotFoundError(f"{as_path} is not a model package (no {MANIFEST})")
+    dirs = search_dirs()
+    for d in dirs:
+        if (d / str(ref) / MANIFEST).is_file():
+            return d / str(ref)
+    for path, manifest in list_packages():
+        if manifest.name == ref:
+            return path
+    shown = ", ".join(str(d) for d in dirs)
+    hint = " (train one with `osteoscan train`)" if ref == DEFAULT_MODEL else ""
+    raise ModelNotFoundError(
+        f"model {ref!r} not found{hint}; searched {shown}. Pass --model DIR or set {ENV_MODELS}"
+    )
+
+
+def list_packages() -> list[tuple[Path, Manifest]]:
+    """Every readable package in :func:`search_dirs` (an earlier folder shadows a later one
+    holding a package with the same folder name); unreadable manifests are skipped."""
+    found: list[tuple[Path, Manifest]] = []
+    names: set[str] = set()
+    for d in search_dirs():
+        if not d.is_dir():
+            continue
+        for sub in sorted(p for p in d.iterdir() if (p / MANIFEST).is_file()):
+            if sub.name in names:
+                continue
+            try:
+                manifest = read_manifest(sub)
+            except ModelIntegrityError:
+                continue
+            names.add(sub.name)
+            found.append((sub, manifest))
+    return found
+
+
+def package_identity(manifest: Manifest) -> str:
+    """Stable 32-hex identity of everything in a package that changes output rows.
+
+    Covers name, version, classes, positive classes, threshold, preprocessing, covariates,
+    fusion and per member arch/sha256/size/normalisation/temperature; not timestamps or metrics,
+    so re-saving identical weights keeps the identity. Incremental scan state is keyed by it.
+    """
+    key = {
+        "name": manifest.name,
+        "version": manifest.version,
+        "classes": list(manifest.classes),
+        "positive_classes": list(manifest.positive_classes),
+        "threshold": float(manifest.threshold),
+        "preprocess": manifest.preprocess,
+        "covariates": list(manifest.covariates),
+        "fusion": manifest.fusion,
+        "members": [
+            [m.arch, m.sha256, m.input_size, list(m.mean), list(m.std), float(m.temperature)]
+            for m in manifest.members
+        ],
+    }
+    blob = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
