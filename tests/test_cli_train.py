@@ -72,6 +72,20 @@ def test_cli_train_roi_and_clahe_reach_the_package(folder: Path, tmp_path: Path)
     assert "--roi knee_joint" in manifest["command"] and "--clahe" in manifest["command"]
 
 
+def test_cli_train_probe_method_writes_a_loadable_package(folder: Path, tmp_path: Path) -> None:
+    """--method probe: frozen backbone + logistic head, stored as an ordinary package."""
+    from osteoscan.package import load_package
+
+    out = tmp_path / "probe-model"
+    res = CliRunner().invoke(app, _args(folder, out, "--quiet", "--method", "probe"))
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["extra"]["train_config"]["method"] == "probe"
+    assert "--method probe" in manifest["command"]
+    pkg = load_package(out)
+    assert len(pkg.members) == len(manifest["members"]) >= 1
+
+
 def test_make_config_merges_preprocess_over_preset() -> None:
     from osteoscan.train.recipe import PRESETS, make_config
 
@@ -88,6 +102,7 @@ def test_make_config_merges_preprocess_over_preset() -> None:
     "extra",
     [
         ("--roi", "elbow"),
+        ("--method", "magic"),
         ("--preset", "nope"),
         ("--positive", "fracture"),
         ("--covariate-columns", "a,b"),

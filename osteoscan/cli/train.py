@@ -12,7 +12,7 @@ import math
 import shlex
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -28,8 +28,10 @@ from rich.progress import (
 from rich.table import Table
 
 from osteoscan.errors import UsageError
-from osteoscan.train.loop import TrainEvent
 from osteoscan.train.recipe import list_presets, make_config
+
+if TYPE_CHECKING:  # the training loop imports torch: only when `train` runs
+    from osteoscan.train.loop import TrainEvent
 
 
 def _stamp() -> str:
@@ -320,6 +322,17 @@ def register(app: typer.Typer) -> None:
             bool | None,
             typer.Option("--clahe/--no-clahe", help="CLAHE contrast equalisation of the input."),
         ] = None,
+        method: Annotated[
+            str | None,
+            typer.Option(
+                "--method",
+                help="finetune (two-stage fine-tuning) or probe (frozen backbone + regularised "
+                "logistic head: better on a few hundred images).",
+            ),
+        ] = None,
+        probe_c: Annotated[
+            float | None, typer.Option("--probe-c", help="Probe: inverse L2 strength.")
+        ] = None,
         batch_size: Annotated[
             int | None, typer.Option("--batch-size", help="Training batch size.")
         ] = None,
@@ -363,6 +376,7 @@ def register(app: typer.Typer) -> None:
             "random_init": random_init or None, "size": size, "batch_size": batch_size,
             "name": name or out.name, "body_parts": (body_part,), "cache_dir": cache_dir,
             "num_threads": threads, "preprocess": pre or None, "command": _command_line(ctx),
+            "method": method, "probe_c": probe_c,
         }  # fmt: skip
         cfg = make_config(preset, **over)
         if augment is not None:

@@ -81,6 +81,12 @@ class TrainConfig:
     weights: Path | None = None
     random_init: bool = False
     # --- optimisation ---------------------------------------------------------------------
+    # "finetune": two-stage fine-tuning (the papers' recipe); "probe": frozen backbone with a
+    # regularised logistic head (standardise → PCA → logistic regression), which generalises
+    # better on a few hundred images. See osteoscan.train.probe.
+    method: str = "finetune"
+    probe_c: float = 0.01  # inverse L2 strength of the probe's logistic regression
+    probe_components: int = 64  # PCA size before the probe's logistic regression
     epochs: int = 6  # total epoch budget (stage 1 + stage 2)
     stage1_epochs: int = 2  # head only, backbone frozen; 0 = single-stage training
     unfreeze_blocks: int = 2  # stage 2: top blocks unfrozen (-1 = everything)
@@ -113,6 +119,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for option values that cannot work."""
+        if self.method not in ("finetune", "probe"):
+            raise UsageError(f"--method must be finetune or probe, not {self.method!r}")
+        if self.probe_c <= 0 or self.probe_components < 1:
+            raise UsageError("the probe needs C > 0 and at least one PCA component")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:

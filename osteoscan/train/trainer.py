@@ -57,6 +57,7 @@ from osteoscan.train.calibrate import (
 from osteoscan.train.data import load_labelled
 from osteoscan.train.dedup import find_duplicates
 from osteoscan.train.loop import Stage, TrainEvent, fit_member, predict_logits
+from osteoscan.train.probe import fit_linear_probe
 from osteoscan.train.recipe import TrainConfig
 from osteoscan.train.splits import Split, kfold_split, train_val_test_split
 
@@ -316,24 +317,34 @@ def train_models(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainR
             model = create_model(arch, len(classes), pretrained=pretrained)
             if pretrained is not False:
                 _fresh_head(model, arch)
-            res = fit_member(
-                model,
-                X[tr],
-                y[tr],
-                X[va],
-                y[va],
-                cfg=cfg,
-                stages=_stages(cfg, arch),
-                n_classes=len(classes),
-                positive_idx=pos_idx,
-                mean=spec.mean,
-                std=spec.std,
-                device=device,
-                seed=seed,
-                progress=emit,
-                member=m_i,
-                n_members=n_members,
-            )
+            common: dict[str, Any] = {
+                "n_classes": len(classes),
+                "positive_idx": pos_idx,
+                "mean": spec.mean,
+                "std": spec.std,
+                "device": device,
+                "seed": seed,
+                "progress": emit,
+                "member": m_i,
+                "n_members": n_members,
+            }
+            if cfg.method == "probe":
+                res = fit_linear_probe(
+                    model,
+                    arch,
+                    X[tr],
+                    y[tr],
+                    X[va],
+                    y[va],
+                    c=cfg.probe_c,
+                    n_components=cfg.probe_components,
+                    channels_last=cfg.channels_last,
+                    **common,
+                )
+            else:
+                res = fit_member(
+                    model, X[tr], y[tr], X[va], y[va], cfg=cfg, stages=_stages(cfg, arch), **common
+                )
             temp = fit_temperature(res.val_logits, y[va])
             logits_h = predict_logits(
                 model,

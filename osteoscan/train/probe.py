@@ -1,0 +1,170 @@
+"""Linear-probe members: a frozen ImageNet backbone with a regularised logistic head.
+
+On a few hundred radiographs, fine-tuning a CNN overfits: on the de-duplicated knee-xray set a
+fine-tuned EfficientNet-Lite0 scored at chance out of fold, while a strongly regularised linear
+model on its frozen, pooled features did better. This module fits that model with scikit-learn
+(standardise → PCA → multinomial logistic regression, class-balanced) and then *folds* the whole
+pipeline into the network's own final ``nn.Linear``, so a probe member is an ordinary model:
+same package format, same ensemble code, same Grad-CAM.
+
+Folding: with standardisation ``z = (f - mu) / sigma``, PCA ``p = (z - m) @ V.T`` and logits
+``W p + b``, the composition is ``A f / sigma + b - A (mu / sigma + m)`` with ``A = W V``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import log_softmax
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from osteoscan.archs import final_linear
+from osteoscan.preprocess import to_model_input
+from osteoscan.train.loop import FitResult, TrainEvent, positive_auc
+
+__all__ = ["extract_features", "fit_linear_probe"]
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    arch: str,
+    x: torch.Tensor,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    batch_size: int = 32,
+    channels_last: bool = True,
+) -> np.ndarray:
+    """Pooled features (N, F): the input of the model's final linear layer, in eval mode."""
+    _, layer = final_linear(model, arch)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, inp, _o: captured.append(inp[0].float().cpu()))
+    model.eval().to(device)
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(device)
+            model(to_model_input(xb, mean, std, channels_last=channels_last))
+    finally:
+        handle.remove()
+    if not captured:
+        return np.zeros((0, layer.in_features), dtype=np.float32)
+    return torch.cat(captured).numpy().astype(np.float64)
+
+
+def _fold_into_linear(
+    layer: nn.Linear, scaler: StandardScaler, pca: PCA | None, clf: LogisticRegression, n: int
+) -> None:
+    coef = np.asarray(clf.coef_, dtype=np.float64)
+    icpt = np.asarray(clf.intercept_, dtype=np.float64)
+    if coef.shape[0] == 1:  # binary sklearn model: one row, logit of class 1 vs class 0
+        coef = np.vstack([-coef / 2, coef / 2])
+        icpt = np.array([-icpt[0] / 2, icpt[0] / 2])
+    # Classes absent from the training rows get a very low logit rather than a missing row.
+    full_w = np.zeros((n, coef.shape[1]))
+    full_b = np.full(n, -50.0)
+    full_w[clf.classes_] = coef
+    full_b[clf.classes_] = icpt
+    a = full_w @ pca.components_ if pca is not None else full_w
+    shift = scaler.mean_ / scaler.scale_ + (pca.mean_ if pca is not None else 0.0)
+    weight = a / scaler.scale_[None, :]
+    bias = full_b - a @ shift
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
+
+
+def fit_linear_probe(
+    model: nn.Module,
+    arch: str,
+    train_x: torch.Tensor,
+    train_y: np.ndarray,
+    val_x: torch.Tensor,
+    val_y: np.ndarray,
+    *,
+    n_classes: int,
+    positive_idx: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    c: float = 0.01,
+    n_components: int = 64,
+    flip: bool = True,
+    channels_last: bool = True,
+    seed: int = 0,
+    progress: Callable[[TrainEvent], None] | None = None,
+    member: int = 0,
+    n_members: int = 1,
+) -> FitResult:
+    """Fit a logistic head on frozen features and write it into ``model``'s final linear layer.
+
+    ``flip`` adds each training image's horizontal mirror as a second sample (left and right
+    knees are mirror images; it is the one augmentation that is free here). ``c`` is the inverse
+    L2 strength; ``n_components`` the PCA size (capped by the sample count).
+    """
+    kw: dict[str, Any] = {
+        "mean": mean,
+        "std": std,
+        "device": device,
+        "channels_last": channels_last,
+    }
+    f_tr = extract_features(model, arch, train_x, **kw)
+    y_tr = np.asarray(train_y)
+    if flip:
+        f_tr = np.vstack(
+            [f_tr, extract_features(model, arch, torch.flip(train_x, dims=[-1]), **kw)]
+        )
+        y_tr = np.concatenate([y_tr, y_tr])
+    scaler = StandardScaler().fit(f_tr)
+    z = scaler.transform(f_tr)
+    k = min(n_components, z.shape[0] - 1, z.shape[1])
+    pca = PCA(n_components=k, random_state=seed).fit(z) if k >= 1 else None
+    p = pca.transform(z) if pca is not None else z
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+    clf.fit(p, y_tr)
+    _, layer = final_linear(model, arch)
+    _fold_into_linear(layer, scaler, pca, clf, n_classes)
+
+    # The folded network must reproduce sklearn exactly (up to float32): check, never assume.
+    f_val = extract_features(model, arch, val_x, **kw)
+    with torch.no_grad():
+        val_logits = layer(torch.as_tensor(f_val, dtype=layer.weight.dtype)).numpy()
+    if len(f_val):
+        ref = clf.predict_log_proba(
+            pca.transform(scaler.transform(f_val)) if pca else scaler.transform(f_val)
+        )
+        got = log_softmax(val_logits[:, clf.classes_].astype(np.float64), axis=1)
+        if not np.allclose(got, ref, atol=1e-3):
+            raise RuntimeError("linear-probe folding does not reproduce the fitted model")
+    probs = torch.softmax(torch.as_tensor(val_logits), 1).numpy()
+    auc = positive_auc(np.asarray(val_y), probs, positive_idx) if len(val_logits) else float("nan")
+    history = [{"epoch": 1, "member": member, "val_auc": auc, "stage": "probe"}]
+    if progress is not None:
+        progress(
+            TrainEvent(
+                kind="epoch_end",
+                member=member,
+                n_members=n_members,
+                stage="probe",
+                epoch=1,
+                n_epochs=1,
+                metrics={"val_auc": auc},
+                message=f"linear probe on {f_tr.shape[1]} features, PCA {k}, C={c}",
+            )
+        )
+    state = {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()}
+    return FitResult(
+        state_dict=state,
+        history=history,
+        best_epoch=1,
+        best_val_auc=float(auc),
+        val_logits=val_logits.astype(np.float32),
+    )
