@@ -14,6 +14,10 @@ executes code (a pickle renamed ``.safetensors`` is refused even when its hash m
 file names carry a hash prefix, so re-saving over an existing package never leaves a manifest that
 points at half-written weights: the old manifest stays valid until the new one replaces it.
 
+Reading manifests, finding packages and :func:`package_identity` need no torch and live in
+:mod:`osteoscan.manifest` (re-exported here); this module imports torch only inside the
+functions that save or load weights.
+
 Weights are stored contiguous, float32 by default. ``save_package(..., dtype="float16")`` halves
 the files; floating tensors are cast back to float32 on load, so such a package is no longer
 bit-identical to the trained models (efficientnet_lite0 logits moved by up to 5e-2).
@@ -22,25 +26,60 @@ bit-identical to the trained models (efficientnet_lite0 logits moved by up to 5e
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import re
 import tempfile
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from osteoscan import __version__
-from osteoscan.archs import create_model, get_arch
-from osteoscan.errors import ModelIntegrityError, OsteoscanError
+from osteoscan.errors import ModelIntegrityError
 from osteoscan.hashing import file_sha256
-from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+# The torch-free half (manifest classes, lookup, identity) lives in osteoscan.manifest and is
+# re-exported here, so ``from osteoscan.package import read_manifest`` keeps working; torch is
+# imported only by the functions that build or load models.
+from osteoscan.manifest import (
+    DEFAULT_MODEL,
+    ENV_MODELS,
+    MANIFEST,
+    SCHEMA_VERSION,
+    Manifest,
+    MemberSpec,
+    ModelNotFoundError,
+    list_packages,
+    package_identity,
+    read_manifest,
+    resolve_package,
+    search_dirs,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ENV_MODELS",
+    "MANIFEST",
+    "SCHEMA_VERSION",
+    "Manifest",
+    "MemberSpec",
+    "ModelNotFoundError",
+    "ModelPackage",
+    "list_packages",
+    "load_package",
+    "package_identity",
+    "read_manifest",
+    "resolve_package",
+    "save_package",
+    "search_dirs",
+    "sha256_file",
+    "verify_package",
+]
+
 
 @dataclass
 class ModelPackage:
@@ -209,6 +248,8 @@ def load_package(ref: str | Path | None, device: str | torch.device = "cpu") -> 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from osteoscan.archs import create_model
+
     path = resolve_package(ref)
     manifest = read_manifest(path)
     files = verify_package(path, manifest)
@@ -229,5 +270,3 @@ def load_package(ref: str | Path | None, device: str | torch.device = "cpu") -> 
         model.pretrained_source = spec.pretrained or "package"
         models.append(model.to(device).eval())
     return ModelPackage(path=path, manifest=manifest, members=models)
-
-

@@ -197,6 +197,16 @@ def _metric_sets(metrics: Mapping[str, Any] | None) -> dict[str, Mapping[str, An
     return {k: v for k, v in metrics.items() if isinstance(v, Mapping) and "accuracy" in v}
 
 
+def _row_key(label: str) -> str:
+    """A metric label without its " @ threshold" suffix: "x (a vs rest @ 0.2)" → "x (a vs rest)".
+
+    Labels without a threshold are kept whole (their closing parenthesis included).
+    """
+    if " @ " not in label:
+        return label
+    return label.split(" @ ")[0] + ")"
+
+
 def _metrics_section(metrics: Mapping[str, Any] | None) -> list[str]:
     sets = _metric_sets(metrics)
     if not sets:
@@ -205,7 +215,7 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> list[str]:
     # Each variant has its own threshold, so labels differ in their "@ t" suffix: key rows by the
     # label without it, and list the thresholds once below the table.
     tables = {
-        k: {r[0].split(" @ ")[0].rstrip(")") + (")" if " @ " in r[0] else ""): r for r in rows}
+        k: {_row_key(r[0]): r for r in rows}
         for k, rows in ((k, format_metrics_table(dict(v))) for k, v in sets.items())
     }
     first = tables[names[0]]
@@ -230,6 +240,51 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> list[str]:
             + "."
         )
     return lines
+
+
+def _auc(m: Mapping[str, Any] | None) -> tuple[float, float, float] | None:
+    """(value, ci low, ci high) of the positive-vs-rest ROC-AUC, or None when absent/undefined."""
+    try:
+        a = m["roc_auc"]  # type: ignore[index]
+        v, (lo, hi) = float(a["value"]), a["ci95"]
+        out = (v, float(lo), float(hi))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return out if all(x == x for x in out) else None  # NaN (single-class data) → None
+
+
+def _added_value(metrics: Mapping[str, Any] | None, positive: str = "positive") -> list[str]:
+    """Plain-language verdict on what the image adds, from the numbers in the table.
+
+    Stated on every card so a reader cannot miss that, e.g., the image-only model is at chance
+    level or that the combined model is no better than age and sex alone.
+    """
+    sets = _metric_sets(metrics)
+    img, cov, comb = (_auc(sets.get(k)) for k in ("image_only", "covariates_only", "combined"))
+    lines: list[str] = []
+    if img is not None:
+        v, lo, hi = img
+        if lo <= 0.5:
+            lines.append(
+                f"- **Image only:** ROC-AUC {v:.3f} ({lo:.3f} – {hi:.3f}); the interval includes "
+                "0.5, so the image model is not distinguishable from chance on this data."
+            )
+        else:
+            lines.append(f"- **Image only:** ROC-AUC {v:.3f} ({lo:.3f} – {hi:.3f}), above chance.")
+    if cov is not None and comb is not None:
+        d = comb[0] - cov[0]
+        verdict = (
+            "the image adds nothing measurable over age and sex; the score is driven by them"
+            if d < 0.02
+            else "a gain over age and sex alone, within the noise of this small data set"
+            if comb[1] <= cov[0]
+            else "a gain over age and sex alone"
+        )
+        lines.append(
+            f"- **Image + covariates vs covariates only:** ROC-AUC {comb[0]:.3f} vs {cov[0]:.3f} "
+            f"(difference {d:+.3f}): {verdict}."
+        )
+    return ["", f"What the image adds ({positive} vs rest):", *lines] if lines else []
 
 
 def write_card(
@@ -309,6 +364,7 @@ def write_card(
         lines.append(f"- Covariates: {ds['covariates']}")
     lines += ["", "## Held-out metrics", ""]
     lines += _metrics_section(metrics)
+    lines += _added_value(metrics, " + ".join(pos) or "positive")
     lines += [
         "",
         "Sensitivity, specificity, precision and F1 are for the screening decision (positive "

@@ -24,7 +24,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from osteoscan import __version__
@@ -212,6 +211,8 @@ def heatmap_name(image_id: str) -> str:
 
 def write_heatmap_png(folder: str | Path, image_id: str, overlay_rgb: np.ndarray) -> Path:
     """Write an RGB uint8 overlay as ``<folder>/<hash>.png`` atomically; returns the path."""
+    import cv2  # lazily: a no-op rescan writes nothing and should not pay for OpenCV
+
     target = Path(folder) / heatmap_name(image_id)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay_rgb, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -323,6 +324,8 @@ class Hdf5ResultsWriter:
                 if hm is None:
                     continue  # unwritten chunks read back as zeros (fill value) and cost nothing
                 if hm.shape != self.hw:
+                    import cv2
+
                     hm = cv2.resize(hm, (self.hw[1], self.hw[0]), interpolation=cv2.INTER_LINEAR)
                 ds[start + i] = np.clip(hm, 0.0, 1.0).astype(np.float16)
         except OSError as exc:

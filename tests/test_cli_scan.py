@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +88,62 @@ def test_error_rows_still_exit_0_and_only_bad_files(tiny_package, tmp_path: Path
     assert res.exit_code == 0, res.output
     _, rows = _rows(tmp_path / "r.csv")
     assert [r["status"] for r in rows] == ["error"]
+
+
+# Runs the CLI in a fresh interpreter and reports on stderr which heavy libraries it imported.
+_PROBE = (
+    "import sys\n"
+    "from osteoscan.cli import main\n"
+    "try:\n"
+    "    main(sys.argv[1:])\n"
+    "finally:\n"
+    "    heavy = ('torch', 'cv2', 'pydicom', 'sklearn', 'timm', 'h5py')\n"
+    "    print('IMPORTED=' + ','.join(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+)
+
+
+def _probe(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str], float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    took = time.perf_counter() - t0
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("IMPORTED=")][-1]
+    return proc, set(filter(None, line[len("IMPORTED=") :].split(","))), took
+
+
+def test_rescan_of_unchanged_folder_loads_no_torch(tiny_package, tmp_path: Path) -> None:
+    """The nightly no-op: nothing scored, nothing rewritten, no torch/OpenCV/pydicom import."""
+    arch = tmp_path / "in"
+    synthetic.write_dicom(arch / "d0.dcm", synthetic.synthetic_knee(64, seed=1))
+    synthetic.write_png(arch / "p0.png", synthetic.synthetic_knee(64, seed=2))
+    out = tmp_path / "out" / "results.csv"
+    args = ["scan", str(arch), "--out", str(out), "--model", str(tiny_package()),
+            "--hdf5", str(tmp_path / "out" / "r.h5"), "--workers", "0", "--device", "cpu",
+            "-q"]  # fmt: skip
+    first, heavy1, t1 = _probe(args)
+    assert first.returncode == 0, first.stderr
+    assert "torch" in heavy1  # the probe does see a real scan's imports
+    outputs = [out, tmp_path / "out" / "results.flagged.csv", tmp_path / "out" / "r.h5"]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in outputs}
+    second, heavy2, t2 = _probe(args)
+    assert second.returncode == 0, second.stderr
+    assert heavy2 == set(), heavy2
+    assert "0 files to scan, 2 unchanged" in second.stderr
+    assert "ok=0 skipped=0 error=0 flagged=0 unchanged=2" in second.stderr
+    assert "up to date" in second.stderr
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in outputs} == before
+    assert t2 < t1, (t1, t2)
+    # an output that went missing is regenerated from the state, still without rescoring
+    flagged = tmp_path / "out" / "results.flagged.csv"
+    flagged.unlink()
+    third, _, _ = _probe(args)
+    assert third.returncode == 0, third.stderr
+    assert flagged.is_file() and "done: 0 rows" in third.stderr
+    assert out.read_bytes() == before[out][1]
+    # --force rescores (new scanned_at: rewritten); the same options without it rewrite nothing
+    forced, _, _ = _probe([*args, "--force"])
+    assert forced.returncode == 0 and "2 files to scan" in forced.stderr, forced.stderr
+    after_force = {p: p.stat().st_mtime_ns for p in outputs}
+    again, heavy, _ = _probe(args)
+    assert again.returncode == 0 and heavy == set() and "up to date" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in outputs} == after_force

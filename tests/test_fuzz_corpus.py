@@ -237,7 +237,9 @@ def test_absurd_sizes_are_refused_before_decoding(corpus: list[Path], name: str)
     (path,) = [p for p in corpus if p.name == name]
     t0 = time.monotonic()
     frames = readers.read_frames(path)
-    assert time.monotonic() - t0 < 2.0
+    # A hang guard, not a benchmark: decoding 60000² pixels would take minutes and GBs, a refused
+    # header takes milliseconds; the generous bound keeps a loaded CI machine from flaking.
+    assert time.monotonic() - t0 < 15.0
     assert len(frames) <= 8  # 1e9 frames must not give 1e9 rows
     assert all(fr.status == "error" and fr.image is None for fr in frames), [
         (fr.status, fr.reason) for fr in frames

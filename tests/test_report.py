@@ -145,3 +145,32 @@ def test_detect_source(tmp_path: Path) -> None:
 @pytest.mark.skipif(not Path("/work/shared/data/knee-xray").is_dir(), reason="no knee-xray data")
 def test_detect_real_knee_source() -> None:
     assert detect_source("/work/shared/data/knee-xray") == KNEE_XRAY_SOURCE
+
+
+def _auc_metrics(value: float, lo: float, hi: float) -> dict:
+    cell = {"value": value, "ci95": [lo, hi]}
+    return {"accuracy": cell, "n": 100, "roc_auc": {**cell, "macro": cell, "per_class": {}}}
+
+
+def test_card_metric_labels_keep_their_parentheses() -> None:
+    y, p = _preds()
+    m = classification_metrics(y, p, CLASSES, ["osteoporosis"], 0.31, n_boot=50)
+    card = write_card(_manifest(), {"image_only": m, "combined": m}, None, "cmd")
+    for label in ("| n (images) |", "| accuracy (argmax) |", "| ROC-AUC macro (one-vs-rest) |",
+                  "| sensitivity (osteoporosis vs rest) |"):  # fmt: skip
+        assert label in card, label
+
+
+def test_card_says_plainly_when_the_image_adds_nothing() -> None:
+    metrics = {
+        "image_only": _auc_metrics(0.56, 0.44, 0.67),
+        "covariates_only": _auc_metrics(0.885, 0.81, 0.94),
+        "combined": _auc_metrics(0.884, 0.81, 0.94),
+    }
+    card = write_card(_manifest(), metrics, None, "cmd")
+    assert "not distinguishable from chance" in card
+    assert "adds nothing measurable over age and sex" in card
+    metrics["image_only"] = _auc_metrics(0.75, 0.66, 0.83)
+    metrics["combined"] = _auc_metrics(0.95, 0.91, 0.98)
+    card = write_card(_manifest(), metrics, None, "cmd")
+    assert "above chance" in card and "a gain over age and sex alone." in card

@@ -17,7 +17,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from osteoscan.errors import OutputError, UsageError
-from osteoscan.metrics import format_metrics_table
 
 VARIANT_TITLES = {
     "image_only": "image only",
@@ -42,6 +41,8 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _table(title: str, metrics: dict[str, Any]) -> Table:
+    from osteoscan.metrics import format_metrics_table  # numpy: not for `--help`
+
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -6,17 +6,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from osteoscan.discover import Found
 from osteoscan.errors import UsageError
-from osteoscan.inspect import inspect_paths
-from osteoscan.preprocess import PreprocessConfig
+
+if TYPE_CHECKING:
+    from osteoscan.discover import Found
+
+# PreprocessConfig().size (a test keeps them equal); a literal because osteoscan.preprocess
+# imports torch and OpenCV, which `osteoscan --help` must not pay for.
+DEFAULT_SIZE = 320
 
 _STATUS_STYLE = {"ok": "green", "skipped": "yellow", "error": "red"}
 
@@ -97,7 +101,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         size: Annotated[
             int, typer.Option("--size", min=16, max=4096, help="Exported image size in pixels.")
-        ] = PreprocessConfig().size,
+        ] = DEFAULT_SIZE,
         show_ignored: Annotated[
             bool,
             typer.Option("--show-ignored", help="Also list ignored files and why (on stderr)."),
@@ -107,6 +111,9 @@ def register(app: typer.Typer) -> None:
 
         Broken files are rows with status=error (exit code 0); a missing PATH is a usage error.
         """
+        from osteoscan.inspect import inspect_paths
+        from osteoscan.preprocess import PreprocessConfig
+
         missing = [str(p) for p in paths if not p.exists() and not p.is_symlink()]
         if missing:
             raise UsageError(f"no such file or folder: {', '.join(missing)}")

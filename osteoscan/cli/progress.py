@@ -36,7 +36,8 @@ def _eta(seconds: float | None) -> str:
 
 
 def _counts(c: dict[str, int]) -> str:
-    return " ".join(f"{k}={c.get(k, 0)}" for k in ("ok", "skipped", "error", "flagged"))
+    text = " ".join(f"{k}={c.get(k, 0)}" for k in ("ok", "skipped", "error", "flagged"))
+    return text + (f" unchanged={c['unchanged']}" if "unchanged" in c else "")
 
 
 class LogReporter:
@@ -74,7 +75,8 @@ class LogReporter:
         """Where the outputs are."""
         outs = [str(s.out), str(s.flagged_out)]
         outs += [str(p) for p in (s.hdf5, s.heatmaps_dir) if p is not None]
-        self._line(f"wrote {', '.join(outs)} (model {', '.join(s.models)}, device {s.device})")
+        verb = "up to date" if s.written == [] else "wrote"
+        self._line(f"{verb} {', '.join(outs)} (model {', '.join(s.models)}, device {s.device})")
 
 
 class RichReporter:
@@ -119,12 +121,13 @@ class RichReporter:
         t.add_column("")
         t.add_row("files", f"{s.n_files} ({s.n_ignored} ignored)")
         t.add_row("rows", str(s.rows))
-        for k in ("ok", "skipped", "error", "flagged"):
-            t.add_row(k, str(s.counts.get(k, 0)))
+        for k in ("ok", "skipped", "error", "flagged", "unchanged"):
+            if k in s.counts or k != "unchanged":
+                t.add_row(k, str(s.counts.get(k, 0)))
         t.add_row("time", f"{s.elapsed_s:.1f} s ({s.images_per_s:.1f} images/s)")
         t.add_row("model", ", ".join(s.models))
         t.add_row("device", f"{s.device}, {s.workers} workers, batch {s.batch_size}")
-        t.add_row("results", str(s.out))
+        t.add_row("results", str(s.out) + (" (up to date)" if s.written == [] else ""))
         t.add_row("flagged", str(s.flagged_out))
         if s.hdf5:
             t.add_row("hdf5", str(s.hdf5))

@@ -5,9 +5,10 @@ loader loop:
 
 1. ``IncrementalRun.start(cfg)`` takes the locks (state and ``--out``; refused at once with
    :class:`~osteoscan.errors.LockHeldError` naming the holder) and opens the state;
-   ``bind(models)`` derives the run key from the package identities and the row-changing
-   options, and records as ``error`` rows the files that crashed or hung a reader in an earlier
-   run (:mod:`osteoscan.guards`: in-flight logs of dead processes).
+   ``bind_manifests(manifests)`` derives the run key from the package identities (manifests
+   only: no torch, no weights) and the row-changing options, and records as ``error`` rows the
+   files that crashed or hung a reader in an earlier run (:mod:`osteoscan.guards`: in-flight
+   logs of dead processes); ``use_models(models)`` attaches the loaded models (same key).
 2. ``plan(files)`` → the files to read (unchanged ones are skipped without being opened).
 3. ``drive(todo, loader_for, score, after)``: iterates batches, writes heatmap PNGs, records each
    batch in one transaction, re-exports the outputs every ``export_every_s``; when a reader
@@ -130,13 +131,42 @@ class IncrementalRun:
         self._old_handlers: dict[int, Any] = {}
         self._last_export = time.monotonic()
         self.restarts = 0
+        self.written: list[Path] = []  # outputs rewritten by this run, in order
 
     def bind(self, models: Sequence[Any]) -> None:
-        """Set the models of this run: the run key, then triage crashes of earlier runs."""
-        cfg = self.cfg
+        """Set the loaded models of this run (binding their manifests first if not done yet)."""
+        if not self.key:
+            self.bind_manifests([m.manifest for m in models])
+        self.use_models(models)
+
+    def bind_manifests(self, manifests: Sequence[Any]) -> None:
+        """Derive the run key from the packages' manifests, then triage crashes of earlier runs.
+
+        Needs no model weights (and no torch): a rescan can tell from the manifests alone
+        whether anything needs scoring before it pays for loading a model.
+        """
+        self.key = self._key_for(manifests)
+        self._record_orphans()
+
+    def use_models(self, models: Sequence[Any]) -> None:
+        """The loaded models that score and export this run; they must match the bound key.
+
+        A package replaced between reading its manifest and loading its weights would make the
+        stored rows lie about which model scored them, so that is refused (rerun to pick it up).
+        """
+        key = self._key_for([m.manifest for m in models])
+        if self.key and key != self.key:
+            raise OsteoscanError(
+                "a model package changed while this scan was starting; nothing was scored - "
+                "run the same command again"
+            )
+        self.key = key
         self.models = list(models)
-        self.key = run_key(
-            [_identity(m.manifest) for m in self.models],
+
+    def _key_for(self, manifests: Sequence[Any]) -> str:
+        cfg = self.cfg
+        return run_key(
+            [_identity(m) for m in manifests],
             {
                 "threshold": cfg.threshold,
                 "body_part": cfg.body_part,
@@ -146,7 +176,16 @@ class IncrementalRun:
                 "include_phi": self.include_phi,
             },
         )
-        self._record_orphans()
+
+    def outputs_current(self) -> bool:
+        """True when results.csv, the flagged CSV and the HDF5 (if asked for) exist and reflect
+        every committed row: a run with nothing to score then has nothing to write either."""
+        from osteoscan.writers import flagged_path_for
+
+        targets = [("csv", self.cfg.out), ("flagged", flagged_path_for(self.cfg.out))]
+        if self.cfg.hdf5 is not None:
+            targets.append(("hdf5", self.cfg.hdf5))
+        return not any(self.state.needs_export(name, path) for name, path in targets)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -291,6 +330,7 @@ class IncrementalRun:
             extra_columns=PHI_COLUMNS if self.include_phi else (),
         )
         self._last_export = time.monotonic()
+        self.written += [p for p in written if p not in self.written]
         return written
 
     def finish(self) -> dict[str, int]:
@@ -320,7 +360,7 @@ def sweep_temp_files(folder: str | Path | None) -> int:
 
 
 def _identity(manifest: Any) -> str:
-    from osteoscan.package import Manifest, package_identity
+    from osteoscan.manifest import Manifest, package_identity
 
     m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
     return package_identity(m)

@@ -16,20 +16,17 @@ first pass, so they do not depend on the heatmap options.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
 from osteoscan.discover import Found, discover
 from osteoscan.errors import OsteoscanError, UsageError
-from osteoscan.preprocess import PreprocessConfig
-from osteoscan.runtime import CpuPlan, configure_cpu, select_device
-from osteoscan.scan.dataset import FrameBatch, FrameRecord, Reader, ScanDataset, make_loader
 from osteoscan.scan.routing import Router
 from osteoscan.writers import (
     CsvResultsWriter,
@@ -41,6 +38,14 @@ from osteoscan.writers import (
     utc_now,
     write_heatmap_png,
 )
+
+if TYPE_CHECKING:  # torch, OpenCV, pydicom load only once there is something to score
+    import torch
+
+    from osteoscan.preprocess import PreprocessConfig
+    from osteoscan.scan.dataset import FrameBatch, FrameRecord, Reader
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # syntax only; availability: select_device
 
 
 @dataclass
@@ -88,6 +93,8 @@ class ScanConfig:
             raise UsageError("--workers must be 0 or more")
         if self.heatmaps_for not in ("flagged", "all"):
             raise UsageError("--heatmaps-for must be flagged or all")
+        if not _DEVICE.fullmatch((self.device or "auto").strip().lower()):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.body_part not in ("auto", "knee", "spine"):
             raise UsageError("--body-part must be auto, knee or spine")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -127,6 +134,8 @@ class ScanSummary:
     device: str
     workers: int
     batch_size: int
+    # outputs rewritten by this run ([] when all were already current; None when unknown)
+    written: list[Path] | None = None
 
 
 @dataclass
@@ -143,6 +152,7 @@ def load_models(refs: Sequence[str | Path], device: torch.device) -> list[Loaded
     """Load each package (default package when ``refs`` is empty) onto ``device``."""
     from osteoscan.ensemble import Ensemble
     from osteoscan.package import load_package
+    from osteoscan.preprocess import PreprocessConfig
 
     out = []
     for ref in list(refs) or [None]:
@@ -357,27 +367,37 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
 
     Bad files are rows (``status=error``), never exceptions. Outputs are published only when the
     run completes; a failed or interrupted run leaves the previous outputs as they were.
+
+    Order: lock, run key from the package manifests, discover, plan. A rescan that finds nothing
+    to score and outputs already current stops there (:func:`_nothing_to_do`), before torch or a
+    model is loaded: a nightly run over an unchanged archive costs a directory walk and one
+    ``stat`` per file.
     """
     cfg.validate()
+    from osteoscan.manifest import read_manifest, resolve_package
     from osteoscan.scan.incremental import IncrementalRun
 
     run = IncrementalRun.start(cfg)  # lock first: a concurrent scan is refused at once
     try:
+        manifests = [read_manifest(resolve_package(ref)) for ref in list(cfg.models) or [None]]
+        run.bind_manifests(manifests)  # run key; error rows for files that crashed a reader
+        files, n_ignored = discover_files(cfg)
+        todo = run.plan(files)  # unchanged files are skipped without being opened
+        if not todo and run.outputs_current():
+            return _nothing_to_do(cfg, run, manifests, files, n_ignored, on_event)
+        from osteoscan.runtime import configure_cpu, select_device
+        from osteoscan.scan.dataset import ScanDataset, make_loader
+
         device = select_device(cfg.device)
-        plan: CpuPlan = configure_cpu(device, cfg.workers)
+        plan = configure_cpu(device, cfg.workers)
         models = load_models(cfg.models, device)
+        run.use_models(models)  # same identities as the manifests planned with
         router = Router(
             [m.ensemble.body_parts for m in models], [m.label for m in models], cfg.body_part
         )
         ctx = ScanContext(cfg, models)
-        files, n_ignored = discover_files(cfg)
-        run.bind(models)
-        todo = run.plan(files)  # unchanged files are skipped without being opened
         progress = _Progress(len(todo), on_event)
-        progress.emit(
-            "start",
-            f"{len(todo)} files to scan, {len(files) - len(todo)} unchanged ({n_ignored} ignored)",
-        )
+        progress.emit("start", _start_message(len(todo), len(files), n_ignored))
         workers = min(plan.workers, max(0, len(todo)))
 
         def loader_for(remaining: list[Found]) -> Any:
@@ -401,5 +421,35 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         flagged_out=flagged_path_for(cfg.out), hdf5=Path(cfg.hdf5) if cfg.hdf5 else None,
         heatmaps_dir=Path(cfg.heatmaps_dir) if cfg.heatmaps_dir else None,
         models=[m.label for m in models], device=str(device), workers=workers,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size, written=list(run.written),
+    )  # fmt: skip
+
+
+def _start_message(n_todo: int, n_files: int, n_ignored: int) -> str:
+    return f"{n_todo} files to scan, {n_files - n_todo} unchanged ({n_ignored} ignored)"
+
+
+def _nothing_to_do(
+    cfg: ScanConfig,
+    run: Any,
+    manifests: Sequence[Any],
+    files: list[Found],
+    n_ignored: int,
+    on_event: Callable[[ScanEvent], None] | None,
+) -> ScanSummary:
+    """Finish a run that has nothing to score and nothing to rewrite (same events, summary).
+
+    No model is loaded, so ``device`` is ``"none"`` and ``workers`` 0.
+    """
+    progress = _Progress(0, on_event)
+    progress.emit("start", _start_message(0, len(files), n_ignored))
+    progress.counts["unchanged"] = run.state.summary()["unchanged"]
+    done = progress.emit("done")
+    return ScanSummary(
+        n_files=len(files), n_ignored=n_ignored, rows=0, counts=done.counts,
+        elapsed_s=done.elapsed_s, images_per_s=0.0, out=Path(cfg.out),
+        flagged_out=flagged_path_for(cfg.out), hdf5=Path(cfg.hdf5) if cfg.hdf5 else None,
+        heatmaps_dir=Path(cfg.heatmaps_dir) if cfg.heatmaps_dir else None,
+        models=[f"{m.name} {m.version}" for m in manifests], device="none", workers=0,
+        batch_size=cfg.batch_size, written=[],
     )  # fmt: skip
