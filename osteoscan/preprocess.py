@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from osteoscan.roi import detect_knee_joint
+from osteoscan.roi import detect_knee_joint, knee_pair
 
 U16_MAX = 65535.0
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -37,7 +37,8 @@ class PreprocessConfig:
     - ``clahe``: contrast-limited adaptive histogram equalisation after normalisation.
     - ``roi``: ``"knee_joint"`` first crops the float image to the knee joint(s) found by
       :func:`osteoscan.roi.detect_knee_joint` (a centre crop when none is found); ``"none"`` keeps
-      the whole image.
+      the whole image; ``"knee_pair"`` puts each detected knee joint in its own square crop, side
+      by side (:func:`osteoscan.roi.knee_pair`), so each joint keeps its own pixels.
     """
 
     size: int = 320
@@ -48,7 +49,7 @@ class PreprocessConfig:
     clahe: bool = False
     clahe_clip: float = 2.0
     clahe_grid: int = 8
-    roi: Literal["none", "knee_joint"] = "none"
+    roi: Literal["none", "knee_joint", "knee_pair"] = "none"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, as stored in a model package manifest."""
@@ -100,8 +101,10 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> np.nda
         # Crop at full resolution, before resizing, so the joint gets all of the model's pixels.
         top, left, bottom, right = detect_knee_joint(img).box
         img = np.ascontiguousarray(img[top:bottom, left:right])
+    elif cfg.roi == "knee_pair":
+        img = np.ascontiguousarray(knee_pair(img), dtype=np.float32)
     elif cfg.roi != "none":
-        raise ValueError(f"unknown roi {cfg.roi!r}; expected 'none' or 'knee_joint'")
+        raise ValueError(f"unknown roi {cfg.roi!r}; expected none, knee_joint or knee_pair")
     h, w = img.shape
     th, tw = _fit_size(h, w, cfg.size, cfg.resize)
     interp = cv2.INTER_AREA if th * tw < h * w else cv2.INTER_LINEAR

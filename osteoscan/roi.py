@@ -246,3 +246,28 @@ def crop_knee_joint(image: np.ndarray) -> np.ndarray:
     """The knee-joint crop of ``image`` (see :func:`detect_knee_joint`); a view, not a copy."""
     top, left, bottom, right = detect_knee_joint(image).box
     return image[top:bottom, left:right]
+
+
+def knee_pair(image: np.ndarray) -> np.ndarray:
+    """Each detected knee joint as its own square crop, side by side (left to right).
+
+    On a film with both knees, one box around both joints gives each joint only about half of the
+    model's pixels; placing the two square joint crops next to each other (then letterboxed by
+    :func:`osteoscan.preprocess.preprocess`) gives each its own square, and global pooling averages
+    the two knees' features. One knee (or a fallback) gives the plain :func:`crop_knee_joint`.
+    """
+    roi = detect_knee_joint(image)
+    if len(roi.knees) < 2:
+        top, left, bottom, right = roi.box
+        return image[top:bottom, left:right]
+    crops = [image[t:b, lf:r] for t, lf, b, r in sorted(roi.knees, key=lambda k: k[1])]
+    side = max(max(c.shape) for c in crops)
+    squares = [
+        cv2.resize(
+            np.ascontiguousarray(c, dtype=np.float32),
+            (side, side),
+            interpolation=cv2.INTER_AREA if max(c.shape) > side else cv2.INTER_LINEAR,
+        )
+        for c in crops
+    ]
+    return np.hstack(squares)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from osteoscan.preprocess import PreprocessConfig, preprocess
-from osteoscan.roi import detect_knee_joint
+from osteoscan.roi import crop_knee_joint, detect_knee_joint, knee_pair
 from osteoscan.synthetic import synthetic_chest, synthetic_knee
 
 KNEE_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-xray"
@@ -123,3 +123,23 @@ def test_real_knees_detected_and_joint_centred() -> None:
         assert (bottom - top) * (right - left) < 0.8 * h * w, path.name
         # the joint line is never in the outer 5 % of the film
         assert all(0.05 * h <= y <= 0.95 * h for y in roi.joint_rows), path.name
+
+
+def test_knee_pair_gives_each_joint_its_own_square() -> None:
+    img = synthetic_knee(256, seed=3, both_knees=True)
+    roi = detect_knee_joint(img)
+    assert len(roi.knees) == 2
+    pair = knee_pair(img)
+    side = max(max(b - t, r - lf) for t, lf, b, r in roi.knees)
+    assert pair.shape == (side, 2 * side)
+    # The left square is the left knee's crop (resized to the common side), not a blend.
+    t, lf, b, r = sorted(roi.knees, key=lambda k: k[1])[0]
+    left = img[t:b, lf:r]
+    assert abs(float(pair[:, :side].mean()) - float(left.mean())) < 0.02
+    out = preprocess(img, PreprocessConfig(size=64, roi="knee_pair"))
+    assert out.shape == (64, 64) and out[:8].max() == 0  # letterboxed: a 2:1 strip, padded
+
+
+def test_knee_pair_on_one_knee_is_the_joint_crop() -> None:
+    img = synthetic_knee(256, seed=4, both_knees=False)
+    np.testing.assert_array_equal(knee_pair(img), crop_knee_joint(img))

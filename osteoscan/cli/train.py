@@ -315,7 +315,9 @@ def register(app: typer.Typer) -> None:
         roi: Annotated[
             str | None,
             typer.Option(
-                "--roi", help="Region fed to the model: none (whole image) or knee_joint (crop)."
+                "--roi",
+                help="Region fed to the model: none (whole image), knee_joint (one crop around "
+                "the joints) or knee_pair (each knee joint in its own square, side by side).",
             ),
         ] = None,
         clahe: Annotated[

@@ -31,7 +31,7 @@ from osteoscan.errors import UsageError
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "plateau", "none")
-ROIS: tuple[str, ...] = ("none", "knee_joint")  # PreprocessConfig.roi values
+ROIS: tuple[str, ...] = ("none", "knee_joint", "knee_pair")  # PreprocessConfig.roi values
 
 
 @dataclass
