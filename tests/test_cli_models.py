@@ -21,6 +21,12 @@ def models_dir(tmp_path: Path, monkeypatch) -> Path:
     folder.mkdir()
     monkeypatch.setenv("OSTEOSCAN_MODELS", str(folder))
     monkeypatch.chdir(tmp_path)
+    # Hide the repository's bundled models/ so listings show only this test's packages.
+    import osteoscan.cli.models as cli_models
+    import osteoscan.manifest as manifest_mod
+
+    monkeypatch.setattr(manifest_mod, "search_dirs", lambda: [folder])
+    monkeypatch.setattr(cli_models, "search_dirs", lambda: [folder])
     return folder
 
 

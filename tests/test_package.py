@@ -216,12 +216,17 @@ def test_resolve_by_name_via_env(saved, tmp_path: Path, monkeypatch) -> None:
     assert resolve_package("knee-test") == path
     assert resolve_package(path / MANIFEST) == path
     assert resolve_package(str(path)) == path
-    assert [p for p, _ in list_packages()] == [path]
+    # The env folder comes first; the repository's bundled models/ may follow it.
+    assert [p for p, _ in list_packages()][0] == path
     # Also found by its manifest name when the folder is named differently.
     (path.parent / "knee-test").rename(path.parent / "renamed")
     assert resolve_package("knee-test") == path.parent / "renamed"
     with pytest.raises(ModelNotFoundError, match="'nope' not found"):
         resolve_package("nope")
+    # With the repository's bundled models/ out of the search path, no default is found.
+    import osteoscan.manifest as manifest_mod
+
+    monkeypatch.setattr(manifest_mod, "search_dirs", lambda: [path.parent])
     with pytest.raises(ModelNotFoundError, match=DEFAULT_MODEL):
         resolve_package(None)
 
