@@ -8,8 +8,7 @@ IDs, so the demo also shows that identities never reach osteoscan's outputs. The
 - ``demo/dicom/``: knee DX files, some JPEG 2000 lossless, one MONOCHROME1 (as CR plates store
   them), a knee known only from its StudyDescription, a lumbar-spine DX (skipped unless a spine
   model is installed), a chest DX (never scored by a knee model), a structured report (not an
-  image) and a
-  truncated file (an ``error`` row with a reason);
+  image) and a truncated file (an ``error`` row with a reason);
 - ``demo/png/``: the same knees as 16-bit PNG plus ``covariates.csv`` (age, sex per file), to show
   scanning plain images with ``--body-part knee --covariates``.
 
