@@ -3,15 +3,14 @@
 :func:`run_scan` is the whole run; each stage is a plain function over a batch so incremental
 state (issue 6) or another engine can reuse them: :func:`load_models`, :class:`ScanContext`
 (:meth:`ScanContext.score_batch` turns a collated :class:`FrameBatch` into a :class:`BatchResult`
-of row dicts + arrays) and :class:`ScanWriters` (consumes :class:`BatchResult`).
+of row dicts + arrays), consumed by the incremental state, which rebuilds the outputs
+(:mod:`osteoscan.scan.incremental`, :mod:`osteoscan.scan.export`).
 
 Heatmaps. The HDF5 holds one heatmap per scored row, so with ``--hdf5`` (and ``hdf5_heatmaps``)
 or ``--heatmaps-for all`` every row is explained in the *same* forward pass as its prediction.
-With only ``--heatmaps DIR --heatmaps-for flagged``, which rows need a map is known only after
-scoring, so the batch is scored once without gradients and Grad-CAM then runs on the flagged
-rows alone (a second, gradient-enabled pass over typically a small fraction of the batch):
-cost ≈ 1 + f·1.5 model passes against 1.5 for explaining every row. Scores always come from the
-first pass, so they do not depend on the heatmap options.
+With only ``--heatmaps DIR --heatmaps-for flagged``, the ensemble opens the Grad-CAM forward for
+the whole batch (autograd starts at the CAM layer, so this costs about one inference) and
+backpropagates only the rows its fused score flags. Scores never depend on the heatmap options.
 """
 
 from __future__ import annotations
@@ -29,14 +28,9 @@ from osteoscan.discover import Found, discover
 from osteoscan.errors import OsteoscanError, UsageError
 from osteoscan.scan.routing import Router
 from osteoscan.writers import (
-    CsvResultsWriter,
-    Hdf5ResultsWriter,
     flagged_path_for,
     heatmap_name,
-    result_columns,
-    union_classes,
     utc_now,
-    write_heatmap_png,
 )
 
 if TYPE_CHECKING:  # torch, OpenCV, pydicom load only once there is something to score
@@ -266,63 +260,6 @@ class ScanContext:
             if png and pred.heatmaps[k] is not None:
                 row["heatmap"] = str(Path(cfg.heatmaps_dir) / heatmap_name(row["image_id"]))
         return ScoredChunk(p, list(idx), pred, inputs)
-
-
-class ScanWriters:
-    """All outputs of a scan; :meth:`write` per batch, then :meth:`commit` (or :meth:`abort`)."""
-
-    def __init__(self, cfg: ScanConfig, models: Sequence[LoadedModel]) -> None:
-        self.models = list(models)
-        self.classes = union_classes(m.ensemble.classes for m in models)
-        self.csv = CsvResultsWriter(cfg.out, result_columns(self.classes))
-        self.h5: Hdf5ResultsWriter | None = None
-        if cfg.hdf5 is not None:
-            sizes = [m.preprocess.size for m in models]
-            try:
-                self.h5 = Hdf5ResultsWriter(
-                    cfg.hdf5,
-                    self.classes,
-                    max(m.ensemble.n_members for m in models),
-                    (max(sizes), max(sizes)),
-                    {m.label: m.manifest for m in models},
-                )
-            except BaseException:
-                self.csv.abort()
-                raise
-        self.heatmaps_dir = Path(cfg.heatmaps_dir) if cfg.heatmaps_dir else None
-
-    def write(self, result: BatchResult) -> None:
-        """Heatmap PNGs first (rows name them), then HDF5 rows, then CSV rows."""
-        for chunk in result.chunks:
-            self._write_chunk(result, chunk)
-        self.csv.write_rows(result.rows)
-
-    def _write_chunk(self, result: BatchResult, chunk: ScoredChunk) -> None:
-        from osteoscan.gradcam import overlay
-
-        pred = chunk.pred
-        rows = [result.rows[i] for i in chunk.rows]
-        if self.heatmaps_dir is not None:
-            for k, row in enumerate(rows):
-                if row.get("heatmap") and pred.heatmaps[k] is not None:
-                    rgb = overlay(chunk.inputs[k], pred.heatmaps[k])
-                    write_heatmap_png(self.heatmaps_dir, row["image_id"], rgb)
-        if self.h5 is not None:
-            classes = self.models[chunk.model].ensemble.classes
-            probs, member = self.h5.align(classes, pred.probs, pred.member_probs)
-            self.h5.write(rows, probs, member, pred.heatmaps)
-
-    def commit(self) -> None:
-        """Publish every output (HDF5 first: the CSV is what a reader checks for completeness)."""
-        if self.h5 is not None:
-            self.h5.commit()
-        self.csv.commit()
-
-    def abort(self) -> None:
-        """Drop temporary files; previous outputs stay."""
-        if self.h5 is not None:
-            self.h5.abort()
-        self.csv.abort()
 
 
 def discover_files(cfg: ScanConfig) -> tuple[list[Found], int]:
