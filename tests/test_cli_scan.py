@@ -80,6 +80,16 @@ def test_usage_errors_exit_2(folder: Path, tiny_package, tmp_path: Path) -> None
         assert exc.value.code == 2
 
 
+def test_missing_archive_is_a_usage_error(tiny_package, tmp_path: Path, capsys) -> None:
+    """A crontab pointing at an unmounted share must fail, not write an empty result."""
+    with pytest.raises(SystemExit) as exc:
+        main(["scan", str(tmp_path / "not-mounted"), "--out", str(tmp_path / "r.csv"),
+              "--model", str(tiny_package())])  # fmt: skip
+    assert exc.value.code == 2
+    assert "not-mounted" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()
+
+
 def test_error_rows_still_exit_0_and_only_bad_files(tiny_package, tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.png").write_bytes(np.zeros(10, np.uint8).tobytes())

@@ -15,6 +15,7 @@ backpropagates only the rows its fused score flags. Scores never depend on the h
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -81,6 +82,11 @@ class ScanConfig:
         """Raise :class:`UsageError` for option values that cannot work."""
         if not self.paths:
             raise UsageError("give at least one PATH to scan")
+        # A missing archive (an unmounted share, a typo in a crontab) must fail loudly, not
+        # "succeed" with zero rows night after night.
+        missing = [str(p) for p in self.paths if not os.path.lexists(p)]
+        if missing:
+            raise UsageError(f"no such file or folder: {', '.join(missing)}")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if self.workers is not None and self.workers < 0:
