@@ -19,7 +19,7 @@ log="${OSTEOSCAN_LOG:-$outdir/nightly.log}"
 
 mkdir -p "$outdir/heatmaps" || { echo "cannot create $outdir" >&2; exit 1; }
 
-{
+(
   echo "$(date -u +%FT%TZ) nightly scan starting: $archive"
   "$venv/bin/osteoscan" scan "$archive" \
     --out "$outdir/results.csv" \
@@ -34,4 +34,8 @@ mkdir -p "$outdir/heatmaps" || { echo "cannot create $outdir" >&2; exit 1; }
     *) echo "$(date -u +%FT%TZ) nightly scan ended abnormally (exit $rc: killed or crashed)" ;;
   esac
   exit "$rc"
-} >>"$log" 2>&1
+) >>"$log" 2>&1
+rc=$?
+# cron mails whatever a job prints: stay silent on success, speak up on failure.
+[ "$rc" -eq 0 ] || echo "osteoscan nightly scan failed with exit $rc; see $log" >&2
+exit "$rc"
