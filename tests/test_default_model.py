@@ -55,7 +55,10 @@ def test_quickstart_scans_the_demo_archive_with_the_default_model(tmp_path: Path
     assert "no spine model" in rows["spine_001.dcm"]["reason"]
     assert rows["report_001.dcm"]["status"] == "skipped"
     assert rows["truncated_001.dcm"]["status"] == "error"
-    assert "--body-part" in rows["knee_001.png"]["reason"]
+    # PNGs state no body part: with only a knee model loaded, --body-part auto scores them as knee.
+    pngs = [rows[f"knee_00{i}.png"] for i in range(1, 9)]
+    assert all(r["status"] == "ok" and r["body_part"] == "knee" for r in pngs)
+    assert all(r["covariates"] == "" for r in pngs)  # no --covariates: image only, and it says so
     text = out.read_text()
     assert "DEMO^PATIENT" not in text and "DEMO-0001" not in text
 

@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from osteoscan.frames import ImageFrame
-from osteoscan.scan.routing import Router, file_body_part
+from osteoscan.scan.routing import Route, Router, file_body_part
 
 
 def frame(kind: str = "dicom", part: str = "unknown", reason: str = "") -> ImageFrame:
@@ -43,8 +43,18 @@ def test_override_applies_to_files_without_body_part() -> None:
     assert file_body_part(frame(kind="png")) is None
 
 
-def test_unknown_without_override_is_skipped_with_hint() -> None:
-    route = Router([["knee"]], ["k"]).route(frame(kind="png"))
+def test_auto_gives_files_without_body_part_the_single_served_part() -> None:
+    r = Router([["knee"]], ["k"])  # --body-part auto, the default knee model alone
+    assert r.route(frame(kind="png")) == Route(0, "knee")
+    assert r.route(frame(kind="dicom", reason=NONE)) == Route(0, "knee")
+    # A header naming another part is still final, and so is a spine header.
+    assert r.route(frame(part="unknown", reason=CHEST)).package is None
+    assert r.route(frame(part="spine", reason="BodyPartExamined='LSPINE'")).package is None
+    assert Router([["spine"]], ["s"]).route(frame(kind="jpeg")) == Route(0, "spine")
+
+
+def test_unknown_with_several_served_parts_is_skipped_with_hint() -> None:
+    route = Router([["knee"], ["spine"]], ["k", "s"]).route(frame(kind="png"))
     assert route.package is None and route.body_part == "unknown"
     assert "--body-part knee|spine" in route.reason
 

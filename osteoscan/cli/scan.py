@@ -44,7 +44,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         body_part: Annotated[
             str,
-            typer.Option(help="auto, knee or spine: body part of files that state none (PNG)."),
+            typer.Option(
+                help="auto, knee or spine: body part of files that state none (PNG, JPEG); "
+                "auto = the one part the loaded models serve."
+            ),
         ] = "auto",
         covariates: Annotated[
             Path | None, typer.Option(help="CSV of age/sex per image (path,age,sex).")

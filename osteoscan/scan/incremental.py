@@ -169,7 +169,9 @@ class IncrementalRun:
             [_identity(m) for m in manifests],
             {
                 "threshold": cfg.threshold,
-                "body_part": cfg.body_part,
+                # "auto" changed meaning after 0.1.0 (files stating no part take the single served
+                # part instead of being skipped): a new key rescans rows stored under the old one.
+                "body_part": "auto/single-part" if cfg.body_part == "auto" else cfg.body_part,
                 "covariates": _file_digest(cfg.covariates),
                 "covariate_columns": list(cfg.covariate_columns),
                 "heatmaps": [bool(cfg.heatmaps_dir), cfg.heatmaps_for, bool(cfg.hdf5)],

@@ -9,6 +9,10 @@ Rules (issue 4, "Routing"):
   header naming *another* part (``CHEST``): ``--body-part`` never overrides a header.
 - ``--body-part knee|spine`` applies only to frames whose file carries no body part: PNG, JPEG,
   TIFF, and DICOMs without any usable body-part information.
+- ``--body-part auto`` (the default) gives such frames the body part the loaded packages serve
+  when they serve exactly one (the default knee model → knee), and says so in the frame's body-part
+  reason: pointing a knee model at a folder of knee JPEGs must score them, not skip them all. With
+  packages for several parts it cannot choose, so those frames are skipped with a hint.
 - No serving package → ``skipped`` with a reason a person can act on.
 
 The :class:`Router` is small and picklable: DataLoader workers use it to pick the preprocessing
@@ -58,13 +62,14 @@ class Router:
     """Route frames to packages. ``served[i]`` are the body parts package ``i`` serves.
 
     ``names[i]`` labels package ``i`` in reasons (e.g. ``"knee-default 1.0"``). ``override`` is
-    the ``--body-part`` value (``None``/``"auto"`` → no override).
+    the ``--body-part`` value (``None``/``"auto"`` → the single served part, if there is one).
     """
 
     served: Sequence[Sequence[str]]
     names: Sequence[str] = ()
     override: str | None = None
     _table: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _assumed: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.override in (None, "", "auto"):
@@ -75,6 +80,9 @@ class Router:
             for part in parts:
                 # First package given wins when two serve the same part (documented behaviour).
                 self._table.setdefault(str(part).lower(), i)
+        routable = {p for p in self._table if p in ROUTABLE_PARTS}
+        if self.override is None and len(routable) == 1:
+            self._assumed = routable.pop()
 
     def _served_text(self) -> str:
         if not self.served:
@@ -90,6 +98,8 @@ class Router:
         stated = file_body_part(frame)
         if stated is None and self.override is not None:
             part, source = self.override, "--body-part"
+        elif stated is None and self._assumed is not None:
+            part, source = self._assumed, "assumed"
         else:
             part, source = stated or "unknown", frame.body_part_reason or ""
         if part in self._table:
