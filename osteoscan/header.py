@@ -160,9 +160,14 @@ def body_part(ds: Any) -> tuple[str, str]:
 
 
 def age_from_string(value: str | None) -> float | None:
-    """Years from a DICOM AS value (``065Y``, ``780M``, ``012W``, ``030D``); ``None`` if invalid."""
+    """Years from a DICOM AS value (``065Y``, ``780M``, ``012W``, ``030D``); ``None`` if invalid.
+
+    A zero age (``000Y``, ``000D``…) is ``None`` too: de-identification tools and some modalities
+    write it as a placeholder for "unknown", and fusing it as a real age of 0 would push every such
+    adult film to "normal". A genuine newborn is outside what a bone-density screen is for.
+    """
     m = re.fullmatch(r"\s*(\d{1,3})\s*([YMWD]?)\s*", str(value or "").upper())
-    if not m:
+    if not m or int(m.group(1)) == 0:
         return None
     years = int(m.group(1)) * _AGE_UNITS[m.group(2) or "Y"]
     return round(years, 2) if 0 <= years <= 130 else None

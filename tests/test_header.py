@@ -67,7 +67,7 @@ def test_long_description_truncated_in_reason() -> None:
 
 @pytest.mark.parametrize("value,years", [
     ("065Y", 65.0), ("780M", 65.0), ("012W", 0.23), ("030D", 0.08), ("65", 65.0),
-    ("", None), ("abc", None), ("999Y", None),
+    ("", None), ("abc", None), ("999Y", None), ("000Y", None), ("000D", None),
 ])  # fmt: skip
 def test_age_from_string(value: str, years: float | None) -> None:
     assert header.age_from_string(value) == years
@@ -80,6 +80,10 @@ def test_age_from_birth_and_study_date() -> None:
     assert header.age_years(ds(PatientBirthDate="20300101", StudyDate="20240115")) is None
     assert header.age_years(ds(PatientBirthDate="bad", StudyDate="20240115")) is None
     assert header.age_years(ds()) is None
+    # A placeholder 000Y is no age: the birth and study dates, when present, decide instead.
+    age = header.age_years(ds(PatientAge="000Y", PatientBirthDate="19590115", StudyDate="20240115"))
+    assert age == pytest.approx(65.0, abs=0.01)
+    assert header.age_years(ds(PatientAge="000Y")) is None
 
 
 @pytest.mark.parametrize("value,expected", [
