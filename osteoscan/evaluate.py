@@ -7,8 +7,10 @@ covariates CSV where it has a value.
 
 Three variants are scored when the package has a covariate-fusion model: ``image_only`` (ensemble
 probabilities), ``covariates_only`` (age/sex alone, on the images that have them) and
-``combined`` (what ``scan`` outputs: fusion where covariates exist, image-only otherwise). The
-top-level metrics are those of what ``scan`` would output.
+``combined`` (what ``scan`` outputs: fusion where covariates exist, image-only otherwise; only
+when at least one image has a covariate). The top-level metrics are those of what ``scan`` would
+output. Thresholded metrics use the threshold ``scan`` applies: the package's image-only threshold
+for ``image_only``, its fused one for the others.
 
 Class mapping: the data's classes must be classes of the model. When the data has fewer classes
 (e.g. a normal-vs-osteoporosis set scored by a 3-class model), the problem is collapsed to the
@@ -140,6 +142,7 @@ def evaluate_model(
     covs: list[Covariates] = []
     img_probs: list[np.ndarray] = []
     fused_probs: list[np.ndarray] = []
+    fused_with: list[str] = []
     batch_x: list[np.ndarray] = []
     batch_c: list[Covariates] = []
 
@@ -152,6 +155,7 @@ def evaluate_model(
         pred = ens.predict(x, covariates=list(batch_c))
         img_probs.append(pred.member_probs.mean(axis=1))
         fused_probs.append(pred.probs)
+        fused_with.extend(pred.covariates_used)
         batch_x.clear()
         batch_c.clear()
 
@@ -176,9 +180,19 @@ def evaluate_model(
     labels = [s.label for s in kept]
     p_img = np.concatenate(img_probs).astype(np.float64)
     p_comb = np.concatenate(fused_probs).astype(np.float64)
-    args = (model_classes, positive, eval_classes, eval_positive, mode, ens.threshold, n_boot, seed)
-    variants: dict[str, Any] = {"image_only": _metrics_for(labels, p_img, *args)}
-    if man.fusion is not None:
+    # Image-only and fused scores live on different scales and have their own thresholds, exactly
+    # as scan applies them (Ensemble._row_thresholds); packages without per-variant thresholds
+    # use the one threshold for both.
+    per_variant = (man.fusion or {}).get("thresholds") or {}
+    thr_img = float(per_variant.get("image_only", ens.threshold))
+    thr_comb = float(per_variant.get("combined", ens.threshold))
+    args_img = (model_classes, positive, eval_classes, eval_positive, mode, thr_img, n_boot, seed)
+    args = (model_classes, positive, eval_classes, eval_positive, mode, thr_comb, n_boot, seed)
+    variants: dict[str, Any] = {"image_only": _metrics_for(labels, p_img, *args_img)}
+    n_fused = sum(1 for u in fused_with if u)
+    # With no covariate on any image, "combined" is the image-only result again: not reported as
+    # a second, identical table that suggests age and sex were used.
+    if man.fusion is not None and n_fused:
         from osteoscan.fusion import apply_covariates_only
 
         ages = [c.age for c in covs]
@@ -208,7 +222,8 @@ def evaluate_model(
             "model": {"name": man.name, "version": man.version, "path": str(pkg.path)},
             "classes": eval_classes,
             "model_classes": model_classes,
-            "threshold": ens.threshold,
+            "threshold": thr_comb if primary == "combined" else thr_img,
+            "thresholds": {"image_only": thr_img, "combined": thr_comb},
             "class_mapping": {"mode": mode, "note": note},
             "variants": variants,
             "covariates": {
@@ -216,6 +231,7 @@ def evaluate_model(
                 "n_with_age": sum(1 for c in covs if c.age is not None),
                 "n_with_sex": sum(1 for c in covs if c.sex is not None),
                 "n_with_any": sum(1 for c in covs if not c.is_empty()),
+                "n_fused": n_fused,
                 "model_uses": list(man.covariates),
             },
             "data": {

@@ -64,6 +64,7 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sexes = [["M", "F"][int(s)] for s in rng.integers(0, 2, 90)]
     img = rng.dirichlet(np.ones(3), 90)
     fusion = fit_fusion(img, ages, sexes, y, CLASSES)
+    fusion["thresholds"] = {"image_only": 0.25, "combined": 0.4}  # as the trainer stores them
     manifest = Manifest(
         name="tiny-eval",
         version="0.0.1",
@@ -90,6 +91,11 @@ def test_evaluate_model_reports_all_variants(labelled: tuple[Path, Path], packag
     assert sum(map(sum, rep["confusion_matrix"]["matrix"])) == 15
     assert set(rep["variants"]) == {"image_only", "covariates_only", "combined"}
     assert rep["primary"] == "combined"
+    # Each variant is thresholded the way scan thresholds it.
+    assert rep["variants"]["image_only"]["threshold"] == pytest.approx(0.25)
+    assert rep["variants"]["combined"]["threshold"] == pytest.approx(0.4)
+    assert rep["thresholds"] == pytest.approx({"image_only": 0.25, "combined": 0.4})
+    assert rep["covariates"]["n_fused"] == 14
     assert rep["variants"]["covariates_only"]["n"] == 14  # one image has no covariates
     # Ages separate the classes perfectly here: covariates alone must rank osteoporosis first.
     assert rep["variants"]["covariates_only"]["roc_auc"]["value"] > 0.9
@@ -117,7 +123,9 @@ def test_binary_data_collapses_and_unreadable_files_are_listed(
     assert rep["class_mapping"]["mode"] == "collapsed"
     assert rep["classes"] == ["other", "osteoporosis"] and rep["n"] == 6
     assert [Path(e["path"]).name for e in rep["errors"]] == ["broken.png"]
-    assert set(rep["variants"]) == {"image_only", "combined"}  # no covariates given
+    # No covariates given: only the image-only result, at the image-only threshold.
+    assert set(rep["variants"]) == {"image_only"} and rep["primary"] == "image_only"
+    assert rep["threshold"] == pytest.approx(0.25) and rep["covariates"]["n_fused"] == 0
 
 
 def test_foreign_class_is_usage_error(tmp_path: Path, package: Path) -> None:

@@ -136,6 +136,11 @@ def register(app: typer.Typer) -> None:
         )
         if report["class_mapping"]["mode"] != "direct":
             stdout.print(f"note: {report['class_mapping']['note']}")
+        if report["covariates"]["model_uses"] and not report["covariates"]["n_fused"]:
+            stdout.print(
+                "note: no image had age/sex (DICOM header or --covariates): image-only scores, "
+                "at the image-only threshold"
+            )
         for name, metrics in report["variants"].items():
             title = VARIANT_TITLES.get(name, name)
             stdout.print(_table(title, metrics))
