@@ -10,8 +10,8 @@ Rules (issue 4, "Routing"):
 - ``--body-part knee|spine`` applies only to frames whose file carries no body part: PNG, JPEG,
   TIFF, and DICOMs without any usable body-part information.
 - ``--body-part auto`` (the default) gives such frames the body part the loaded packages serve
-  when they serve exactly one (the default knee model → knee), and says so in the frame's body-part
-  reason: pointing a knee model at a folder of knee JPEGs must score them, not skip them all. With
+  when they serve exactly one (the default knee model → knee; the ``body_part`` column shows it):
+  pointing a knee model at a folder of knee JPEGs must score them, not skip them all. With
   packages for several parts it cannot choose, so those frames are skipped with a hint.
 - No serving package → ``skipped`` with a reason a person can act on.
 
