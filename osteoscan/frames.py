@@ -35,6 +35,8 @@ class ImageFrame:
     image_id: str = ""
     body_part: str = "unknown"
     body_part_reason: str = ""
+    # the file itself names a body part (a DICOM header: knee, spine or another such as CHEST)
+    body_part_stated: bool = False
     age: float | None = None
     sex: str | None = None
     info: dict[str, Any] = field(default_factory=dict)

@@ -159,6 +159,16 @@ def body_part(ds: Any) -> tuple[str, str]:
     return "unknown", f"{start}; no knee or spine term in study/series description or protocol"
 
 
+def states_body_part(ds: Any) -> bool:
+    """True when the header names a specific body part (knee, spine or any other, e.g. CHEST).
+
+    Routing decides on this flag, never on reason text: a stated part is final, and only files
+    that state none take ``--body-part`` or the single part the loaded models serve.
+    """
+    bpe = _text(ds, "BodyPartExamined")
+    return body_part(ds)[0] != "unknown" or (bool(bpe) and _normalise(bpe) not in _UNSPECIFIC)
+
+
 def age_from_string(value: str | None) -> float | None:
     """Years from a DICOM AS value (``065Y``, ``780M``, ``012W``, ``030D``); ``None`` if invalid.
 

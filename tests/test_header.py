@@ -91,3 +91,11 @@ def test_age_from_birth_and_study_date() -> None:
 ])  # fmt: skip
 def test_sex(value: str, expected: str | None) -> None:
     assert header.sex(ds(PatientSex=value)) == expected
+
+
+def test_states_body_part_is_a_flag_not_reason_text() -> None:
+    assert header.states_body_part(ds(BodyPartExamined="CHEST"))
+    assert header.states_body_part(ds(BodyPartExamined="KNEE"))
+    assert header.states_body_part(ds(StudyDescription="XR KNEE BILAT"))
+    assert not header.states_body_part(ds(BodyPartExamined="EXTREMITY"))
+    assert not header.states_body_part(ds())

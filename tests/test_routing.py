@@ -11,7 +11,11 @@ from osteoscan.scan.routing import Route, Router, file_body_part
 
 
 def frame(kind: str = "dicom", part: str = "unknown", reason: str = "") -> ImageFrame:
-    return ImageFrame(path="x", kind=kind, body_part=part, body_part_reason=reason)
+    # What the DICOM reader sets: a header naming any specific part (CHEST too) states it.
+    stated = part != "unknown" or reason == CHEST
+    return ImageFrame(
+        path="x", kind=kind, body_part=part, body_part_reason=reason, body_part_stated=stated
+    )
 
 
 CHEST = "BodyPartExamined='CHEST' is neither knee nor spine"

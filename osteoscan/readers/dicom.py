@@ -303,6 +303,7 @@ def _from_dataset(
         "kind": "dicom",
         "body_part": part,
         "body_part_reason": part_reason,
+        "body_part_stated": header.states_body_part(ds),
         "age": header.age_years(ds),
         "sex": header.sex(ds),
     }

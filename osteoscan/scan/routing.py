@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from osteoscan.frames import ImageFrame
 
 ROUTABLE_PARTS = ("knee", "spine")
-# osteoscan.header.body_part words a header that names a non-target part this way.
-_OTHER_PART_MARK = "is neither knee nor spine"
 
 
 @dataclass(frozen=True)
@@ -40,11 +38,6 @@ class Route:
     reason: str = ""  # why skipped; empty when routed
 
 
-def header_names_other_part(frame: ImageFrame) -> bool:
-    """True when the file's header names a specific body part that is neither knee nor spine."""
-    return frame.body_part == "unknown" and _OTHER_PART_MARK in (frame.body_part_reason or "")
-
-
 def file_body_part(frame: ImageFrame) -> str | None:
     """The body part the *file* states (``knee``/``spine``/``unknown`` for another part), or None.
 
@@ -52,9 +45,7 @@ def file_body_part(frame: ImageFrame) -> str | None:
     """
     if frame.body_part in ROUTABLE_PARTS:
         return frame.body_part
-    if header_names_other_part(frame):
-        return "unknown"
-    return None
+    return "unknown" if frame.body_part_stated else None
 
 
 @dataclass
