@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from osteoscan.errors import UsageError
+from osteoscan.load import Loader
 from osteoscan.runtime import configure_allocator, configure_cpu, select_device
 from osteoscan.scan.dataset import ScanDataset, make_loader
 from osteoscan.scan.pipeline import LoadedModel, ScanConfig, discover_files, load_models, run_scan
@@ -163,7 +164,7 @@ def _measure(
 ) -> dict[str, Any]:
     router = Router([m.ensemble.body_parts for m in models], [m.label for m in models],
                     cfg.body_part)  # fmt: skip
-    ds = ScanDataset(files, router, [m.preprocess for m in models])
+    ds = ScanDataset(files, Loader(router, [m.preprocess for m in models]))
 
     # 1. read + preprocess, in process (one worker), then with all workers.
     pixels: list[np.ndarray] = []

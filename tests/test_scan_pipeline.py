@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless
 
 from osteoscan import synthetic
+from osteoscan.load import Loader
 from osteoscan.scan.dataset import ScanDataset, collate_frames
 from osteoscan.scan.pipeline import ScanConfig, ScanContext, discover_files, load_models, run_scan
 from osteoscan.scan.routing import Router
@@ -136,7 +137,7 @@ def test_covariates_from_header_and_csv(archive: Path, tiny_package, tmp_path) -
     models = load_models([str(tiny_package())], __import__("torch").device("cpu"))
     ctx = ScanContext(cfg, models)
     files, _ = discover_files(cfg)
-    ds = ScanDataset(files, Router([["knee"]], override="knee"), [models[0].preprocess])
+    ds = ScanDataset(files, Loader(Router([["knee"]], override="knee"), [models[0].preprocess]))
     recs = {Path(r.path).name: r for i in range(len(ds)) for r in ds[i]}
     png = ctx.covariates_for(recs["k0.png"])
     assert (png.age, png.sex) == (71.0, "F")
@@ -154,7 +155,7 @@ def test_memory_flat_across_batches_with_heatmaps(archive: Path, tiny_package, t
     ctx = ScanContext(cfg, models)
     assert ctx.heatmaps_same_pass
     files, _ = discover_files(cfg)
-    ds = ScanDataset(files, Router([["knee"]], override="knee"), [models[0].preprocess])
+    ds = ScanDataset(files, Loader(Router([["knee"]], override="knee"), [models[0].preprocess]))
     batch = collate_frames([ds[i] for i in range(len(ds))] * 3)
 
     def rss() -> int:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,31 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from osteoscan.discover import Found
-from osteoscan.frames import ImageFrame
-from osteoscan.preprocess import PreprocessConfig, preprocess
+from osteoscan.load import LoadedFrame, Loader
 from osteoscan.runtime import worker_init
-from osteoscan.scan.routing import Router
 
-Reader = Callable[..., list[ImageFrame]]
-
-
-@dataclass
-class FrameRecord:
-    """One row-to-be: frame metadata, its route and (when it will be scored) its model input."""
-
-    path: str
-    root: str
-    frame: int
-    status: str
-    reason: str
-    kind: str
-    image_id: str
-    body_part: str
-    age: float | None
-    sex: str | None
-    package: int | None = None  # index of the scoring package; None → not scored
-    pixels: np.ndarray | None = None  # uint16 (S, S) model input, only when package is set
-    info: dict[str, Any] = field(default_factory=dict)
+FrameRecord = LoadedFrame  # a frame on its way from the load stage to the score stage
 
 
 @dataclass
@@ -60,7 +39,7 @@ class FrameBatch:
     frames, in order. ``n_files`` counts the files the batch came from.
     """
 
-    records: list[FrameRecord]
+    records: list[LoadedFrame]
     pixels: dict[int, torch.Tensor]
     rows: dict[int, list[int]]
     n_files: int
@@ -71,84 +50,36 @@ class FrameBatch:
         return self
 
 
-def _default_reader() -> Reader:
-    from osteoscan.readers import read_frames
-
-    return read_frames
-
-
-def _error(found: Found, reason: str) -> FrameRecord:
-    return FrameRecord(
-        path=str(found.path), root=str(found.root), frame=0, status="error", reason=reason,
-        kind=found.kind, image_id="", body_part="unknown", age=None, sex=None,
-    )  # fmt: skip
-
-
 class ScanDataset(Dataset):
     """Map-style dataset over discovered files (``ignored`` entries must be filtered out first).
 
-    ``preprocess_cfgs[p]`` is the preprocessing of package ``p``; ``router`` picks the package per
-    frame. ``reader`` defaults to :func:`osteoscan.readers.read_frames` (pass a guarded reader to
-    add per-file limits).
+    Each item is the load stage (:class:`osteoscan.load.Loader`) applied to one file.
     """
 
-    def __init__(
-        self,
-        files: Sequence[Found],
-        router: Router,
-        preprocess_cfgs: Sequence[PreprocessConfig],
-        reader: Reader | None = None,
-    ) -> None:
+    def __init__(self, files: Sequence[Found], loader: Loader) -> None:
         self.files = list(files)
-        self.router = router
-        self.cfgs = list(preprocess_cfgs)
-        self.reader = reader
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> list[FrameRecord]:
+    def __getitem__(self, index: int) -> list[LoadedFrame]:
         found = self.files[index]
         if found.kind == "broken":
-            return [_error(found, found.reason or "not a readable image file")]
-        try:
-            reader = self.reader or _default_reader()
-            frames = reader(found.path, found.kind)
-        except Exception as exc:  # noqa: BLE001 - readers must not raise; if one does, it's a row
-            return [_error(found, f"unreadable: {type(exc).__name__}: {exc}")]
-        if not frames:
-            return [_error(found, "the file holds no image frame")]
-        return [self._record(found, fr) for fr in frames]
-
-    def _record(self, found: Found, fr: ImageFrame) -> FrameRecord:
-        rec = FrameRecord(
-            path=str(found.path), root=str(found.root), frame=int(fr.frame), status=fr.status,
-            reason=fr.reason, kind=fr.kind or found.kind, image_id=fr.image_id,
-            body_part=fr.body_part, age=fr.age, sex=fr.sex,
-            info={k: fr.info.get(k) for k in ("modality", "transfer_syntax") if k in fr.info},
-        )  # fmt: skip
-        if fr.status != "ok":
-            return rec
-        if fr.image is None:
-            rec.status, rec.reason = "error", "the reader returned no pixels"
-            return rec
-        route = self.router.route(fr)
-        rec.body_part = route.body_part
-        if route.package is None:
-            rec.status, rec.reason = "skipped", route.reason
-            return rec
-        try:
-            rec.pixels = preprocess(fr.image, self.cfgs[route.package])
-        except Exception as exc:  # noqa: BLE001 - an odd image becomes an error row
-            rec.status, rec.reason = "error", f"preprocessing failed: {type(exc).__name__}: {exc}"
-            return rec
-        rec.package = route.package
-        return rec
+            return [_broken(found)]
+        return self.loader(found.path, found.kind, found.root)
 
 
-def collate_frames(items: Sequence[list[FrameRecord]]) -> FrameBatch:
+def _broken(found: Found) -> LoadedFrame:
+    return LoadedFrame(
+        path=str(found.path), root=str(found.root), frame=0, kind=found.kind, status="error",
+        reason=found.reason or "not a readable image file",
+    )  # fmt: skip
+
+
+def collate_frames(items: Sequence[list[LoadedFrame]]) -> FrameBatch:
     """Flatten per-file record lists; stack each package's pixels as uint16 (K, 1, H, W)."""
-    records: list[FrameRecord] = [rec for item in items for rec in item]
+    records: list[LoadedFrame] = [rec for item in items for rec in item]
     rows: dict[int, list[int]] = {}
     for i, rec in enumerate(records):
         if rec.package is not None and rec.pixels is not None:

@@ -37,8 +37,9 @@ from osteoscan.writers import (
 if TYPE_CHECKING:  # torch, OpenCV, pydicom load only once there is something to score
     import torch
 
+    from osteoscan.load import Reader
     from osteoscan.preprocess import PreprocessConfig
-    from osteoscan.scan.dataset import FrameBatch, FrameRecord, Reader
+    from osteoscan.scan.dataset import FrameBatch, FrameRecord
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # syntax only; availability: select_device
 
@@ -328,6 +329,7 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         todo = run.plan(files)  # unchanged files are skipped without being opened
         if not todo and run.outputs_current():
             return _nothing_to_do(cfg, run, manifests, files, n_ignored, on_event)
+        from osteoscan.load import Loader
         from osteoscan.runtime import configure_cpu, select_device
         from osteoscan.scan.dataset import ScanDataset, make_loader
 
@@ -344,8 +346,8 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         workers = min(plan.workers, max(0, len(todo)))
 
         def loader_for(remaining: list[Found]) -> Any:
-            reader = cfg.reader or run.reader
-            dataset = ScanDataset(remaining, router, [m.preprocess for m in models], reader=reader)
+            loader = Loader(router, [m.preprocess for m in models], read=cfg.reader or run.reader)
+            dataset = ScanDataset(remaining, loader)
             return make_loader(dataset, cfg.batch_size, min(workers, len(remaining)), device)
 
         def after(result: BatchResult) -> None:

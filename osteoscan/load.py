@@ -1,0 +1,145 @@
+"""The load stage: one file in, one :class:`LoadedFrame` per frame out — the same for every command.
+
+``scan``, ``train``, ``evaluate`` and ``inspect`` all turn a file into model inputs here, so what is
+trained on is exactly what is scanned: the same guarded read (per-file size, pixel and time limits:
+:func:`osteoscan.guards.guarded_read`), the same frames (every frame of a multi-frame file), the
+same body-part routing (:class:`osteoscan.scan.routing.Router`) and the same preprocessing
+(:func:`osteoscan.preprocess.preprocess` with the configuration of the package that will score
+the frame). A frame that will not be scored leaves as a status record (``skipped`` or ``error``
+with a reason a person can act on); nothing here raises for a bad file.
+
+Order for each frame::
+
+    read (guarded) → status from the reader → route (body part → package) → preprocess
+
+The :class:`Loader` is picklable: DataLoader workers (or another engine's workers) call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from osteoscan.frames import ImageFrame, Status
+from osteoscan.preprocess import PreprocessConfig, preprocess
+from osteoscan.scan.routing import Router
+
+Reader = Callable[..., list[ImageFrame]]
+# Technical header facts carried to the result (never identifiers).
+CARRIED_INFO = ("modality", "transfer_syntax")
+
+
+@dataclass
+class LoadedFrame:
+    """One frame after the load stage: a model input for package ``package``, or a status record.
+
+    ``pixels`` is the ``uint16`` (S, S) model input, set only when ``package`` is; ``image`` is
+    the frame as read (float32 in [0, 1], bone bright), kept only when the loader was asked to
+    (training fingerprints duplicates on it; scanning does not ship it between processes).
+    """
+
+    path: str
+    root: str
+    frame: int
+    kind: str
+    status: Status
+    reason: str
+    image_id: str = ""
+    body_part: str = "unknown"
+    age: float | None = None
+    sex: str | None = None
+    package: int | None = None
+    pixels: np.ndarray | None = None
+    image: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scorable(self) -> bool:
+        """True when this frame goes on to the score stage."""
+        return self.package is not None and self.pixels is not None
+
+
+def _guarded(path: str | Path, kind: str | None = None) -> list[ImageFrame]:
+    from osteoscan.guards import guarded_read
+
+    return guarded_read(path, kind)
+
+
+@dataclass
+class Loader:
+    """Read, route and preprocess one file (see the module docstring).
+
+    ``preprocess_cfgs[p]`` is the preprocessing of package ``p``; ``router`` picks ``p`` per frame.
+    ``read`` replaces the default guarded reader (the scan engine passes one that also keeps an
+    in-flight log for its watchdog). ``keep_image`` keeps the frame as read on ``ok`` records.
+    """
+
+    router: Router
+    preprocess_cfgs: Sequence[PreprocessConfig]
+    read: Reader | None = None
+    keep_image: bool = False
+
+    def __call__(
+        self, path: str | Path, kind: str | None = None, root: str | Path = ""
+    ) -> list[LoadedFrame]:
+        """All frames of ``path`` (``kind`` from discovery when known; ``broken`` is an error)."""
+        shown, base = str(path), str(root)
+        if kind == "broken":
+            return [_error(shown, base, kind, "not a readable image file")]
+        try:
+            frames = (self.read or _guarded)(path, kind)
+        except Exception as exc:  # noqa: BLE001 - readers must not raise; if one does, it's a row
+            return [_error(shown, base, kind or "", f"unreadable: {type(exc).__name__}: {exc}")]
+        if not frames:
+            return [_error(shown, base, kind or "", "the file holds no image frame")]
+        return [self._frame(shown, base, kind or "", fr) for fr in frames]
+
+    def _frame(self, path: str, root: str, kind: str, fr: ImageFrame) -> LoadedFrame:
+        rec = LoadedFrame(
+            path=path, root=root, frame=int(fr.frame), kind=fr.kind or kind, status=fr.status,
+            reason=fr.reason, image_id=fr.image_id, body_part=fr.body_part, age=fr.age,
+            sex=fr.sex, info={k: fr.info[k] for k in CARRIED_INFO if k in fr.info},
+        )  # fmt: skip
+        if fr.status != "ok":
+            return rec
+        if fr.image is None:
+            rec.status, rec.reason = "error", "the reader returned no pixels"
+            return rec
+        route = self.router.route(fr)
+        rec.body_part = route.body_part
+        if route.package is None:
+            rec.status, rec.reason = "skipped", route.reason
+            return rec
+        try:
+            rec.pixels = preprocess(fr.image, self.preprocess_cfgs[route.package])
+        except Exception as exc:  # noqa: BLE001 - an odd image becomes an error row
+            rec.status, rec.reason = "error", f"preprocessing failed: {type(exc).__name__}: {exc}"
+            return rec
+        rec.package = route.package
+        if self.keep_image:
+            rec.image = fr.image
+        return rec
+
+
+def _error(path: str, root: str, kind: str, reason: str) -> LoadedFrame:
+    return LoadedFrame(path=path, root=root, frame=0, kind=kind, status="error", reason=reason)
+
+
+def single_model_loader(
+    cfg: PreprocessConfig,
+    body_parts: Sequence[str],
+    *,
+    body_part: str | None = None,
+    keep_image: bool = False,
+) -> Loader:
+    """A :class:`Loader` for one model (training, evaluation, inspection) serving ``body_parts``.
+
+    ``body_part`` is the ``--body-part`` value for files that state none (``None``/``auto``: the
+    single part served), exactly as in a scan with that one package.
+    """
+    router = Router([list(body_parts)], ["the model"], body_part)
+    return Loader(router, [cfg], keep_image=keep_image)
