@@ -22,20 +22,16 @@ Three limits turn a hostile or broken file into an ``error`` row instead of a de
   ``RLIMIT_AS`` counts. Workers never touch CUDA, so their address space is the torch import
   plus the image being read.
 
-Output errors (disk full, permission denied, read-only file system) become
-:class:`~osteoscan.errors.OutputError` with the errno spelled out (:func:`output_errors`,
-:func:`atomic_write`): the run ends with exit 1 and earlier outputs, replaced only by a complete
-new file, stay intact.
+Output errors (disk full, permission denied) are not a per-file matter: :mod:`osteoscan.atomic`
+turns them into :class:`~osteoscan.errors.OutputError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import resource
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +42,6 @@ from typing import Any
 
 import numpy as np
 
-from osteoscan.errors import OutputError
 from osteoscan.frames import ImageFrame, ReadLimits
 
 
@@ -274,71 +269,6 @@ def guarded_read(
             fr.image, fr.status = None, "error"
             fr.reason = "decoded pixels are not finite numbers (corrupt rescale/window values)"
     return frames
-
-
-# -- outputs -------------------------------------------------------------------------------
-_OUTPUT_ERRNOS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "the file system is read-only",
-    errno.ENOENT: "the folder does not exist",
-    errno.EIO: "an I/O error occurred",
-}
-
-
-def describe_output_error(target: str | Path, exc: OSError) -> OutputError:
-    """An OutputError saying what failed on which file, and that earlier results are intact."""
-    why = _OUTPUT_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))
-    name = errno.errorcode.get(exc.errno or 0, "")
-    return OutputError(
-        f"cannot write {target}: {why}{f' ({name})' if name else ''}. "
-        "Earlier results are intact; fix the cause and re-run (only missing work is redone)."
-    )
-
-
-@contextmanager
-def output_errors(target: str | Path) -> Iterator[None]:
-    """Turn an OSError raised while writing ``target`` into a clear OutputError."""
-    try:
-        yield
-    except OutputError:
-        raise
-    except OSError as exc:
-        raise describe_output_error(target, exc) from exc
-
-
-def atomic_write(target: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write ``target`` through ``write(tmp_path)`` then fsync + ``os.replace`` + fsync the folder.
-
-    A kill at any instant leaves either the old file or the complete new one; the temporary file
-    is removed on failure. OSErrors become :class:`OutputError`.
-    """
-    target = Path(target)
-    with output_errors(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            write(tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        try:
-            dfd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass  # some file systems cannot fsync a directory; the rename is done anyway
-    return target
 
 
 def tidy_inflight(inflight_dir: str | Path | None) -> None:

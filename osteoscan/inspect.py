@@ -11,7 +11,6 @@ Patient name, ID and birth date never appear here: only the facts listed in :dat
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from osteoscan.atomic import output_errors, write_bytes
 from osteoscan.discover import IMAGE_KINDS, Found, discover
 from osteoscan.errors import OutputError
 from osteoscan.frames import ImageFrame
@@ -112,10 +112,8 @@ class _Exporter:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
         self.used: set[str] = set()
-        try:
+        with output_errors(self.out_dir):
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create export folder {self.out_dir}: {exc}") from exc
 
     def name(self, found: Found, frame: int) -> str:
         """``<relative path with separators as '__'>_f<frame>.png``; a hash breaks ties."""
@@ -133,16 +131,10 @@ class _Exporter:
 
     def write(self, found: Found, frame: int, data: np.ndarray) -> str:
         target = self.out_dir / self.name(found, frame)
-        # Write then rename: a killed run never leaves a half-written PNG under the final name.
-        tmp = target.with_name(f".{target.stem}.tmp.png")
-        try:
-            if not cv2.imwrite(str(tmp), data):
-                raise OSError("OpenCV could not encode the PNG")
-            os.replace(tmp, target)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"cannot write {target}: {exc}") from exc
-        return str(target)
+        ok, buf = cv2.imencode(".png", data)
+        if not ok:
+            raise OutputError(f"could not encode the PNG for {target}")
+        return str(write_bytes(target, buf.tobytes()))
 
 
 def inspect_paths(

@@ -25,16 +25,14 @@ bit-identical to the trained models (efficientnet_lite0 logits moved by up to 5e
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from osteoscan import __version__
+from osteoscan.atomic import AtomicFile, output_errors, write_bytes, write_text
 from osteoscan.errors import ModelIntegrityError
 from osteoscan.hashing import file_sha256
 
@@ -76,7 +74,6 @@ __all__ = [
     "resolve_package",
     "save_package",
     "search_dirs",
-    "sha256_file",
     "verify_package",
 ]
 
@@ -95,39 +92,7 @@ class ModelPackage:
         return package_identity(self.manifest)
 
 
-# --------------------------------------------------------------------------- files
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    return file_sha256(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems / platforms cannot open directories
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via ``write(tmp_path)`` then fsync + rename, so readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; packages are shared, readable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# --------------------------------------------------------------------------- weights
 
 
 def _tensors_for_storage(model: nn.Module, dtype: str) -> dict[str, torch.Tensor]:
@@ -172,18 +137,16 @@ def save_package(
         # One metadata key only: safetensors writes a Rust HashMap, so several keys come out in
         # random order and identical weights would get different sha256s.
         meta = {"arch": spec.arch}
-        fd, tmp = tempfile.mkstemp(prefix=".member.", suffix=".tmp", dir=out)
-        os.close(fd)
+        # The file name carries the content's hash, so it is chosen after writing.
+        f = AtomicFile(out / "member")
         try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            digest = sha256_file(Path(tmp))
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; packages are shared, readable files
+            with output_errors(f.tmp):
+                save_file(tensors, str(f.tmp), metadata=meta)
+            digest = file_sha256(f.tmp)
             fname = f"member{i:02d}-{spec.arch}-{digest[:8]}.safetensors"
-            os.replace(tmp, out / fname)
+            f.commit(fname)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            f.abort()
             raise
         members.append(replace(spec, weights=fname, sha256=digest, dtype=dtype))
     manifest = replace(
@@ -194,16 +157,15 @@ def save_package(
     )
     manifest.validate()
     if card is not None:
-        _atomic_write(out / "card.md", lambda p: p.write_text(card, encoding="utf-8"))
+        write_text(out / "card.md", card)
     for name, data in (report or {}).items():
         target = (out / "report" / name).resolve()
         if (out / "report").resolve() not in target.parents:
             raise ValueError(f"report file name escapes report/: {name!r}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, lambda p, data=data: p.write_bytes(data))
+        write_bytes(target, data)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n"
-    _atomic_write(out / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))
-    _fsync_dir(out)
+    write_text(out / MANIFEST, text)
     keep = {m.weights for m in members}
     for stale in out.glob("member*.safetensors"):
         if stale.name not in keep:
@@ -228,7 +190,7 @@ def verify_package(path: str | Path, manifest: Manifest | None = None) -> list[P
         wpath = path / m.weights
         if not wpath.is_file():
             raise ModelIntegrityError(f"weights file {wpath} is missing")
-        actual = sha256_file(wpath)
+        actual = file_sha256(wpath)
         if actual != m.sha256:
             raise ModelIntegrityError(
                 f"weights file {wpath} does not match its sha256 in the manifest (expected "

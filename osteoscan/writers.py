@@ -18,8 +18,6 @@ import csv
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from osteoscan import __version__
+from osteoscan.atomic import AtomicFile, output_error, write_bytes
 from osteoscan.errors import OutputError
 
 # The fixed columns of results.csv (DESIGN.md), around the model-dependent p_<class> columns.
@@ -76,59 +75,6 @@ def format_value(column: str, value: Any) -> str:
     return str(value)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # not every file system can fsync a folder; the rename itself is done
-
-
-def _output_error(target: Path, exc: OSError) -> OutputError:
-    return OutputError(
-        f"cannot write {target}: {exc.strerror or exc}. Earlier results are intact; fix the "
-        "cause and re-run."
-    )
-
-
-class _AtomicFile:
-    """A temporary file next to ``target`` that replaces it on :meth:`commit`."""
-
-    def __init__(self, target: str | Path) -> None:
-        self.target = Path(target)
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(
-                prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent
-            )
-        except OSError as exc:
-            raise _output_error(self.target, exc) from exc
-        os.close(fd)
-        self.tmp = Path(name)
-        self.done = False
-
-    def commit(self) -> Path:
-        try:
-            with open(self.tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(self.tmp, 0o644)
-            os.replace(self.tmp, self.target)
-        except OSError as exc:
-            self.abort()
-            raise _output_error(self.target, exc) from exc
-        self.done = True
-        _fsync_dir(self.target.parent)
-        return self.target
-
-    def abort(self) -> None:
-        if not self.done:
-            self.tmp.unlink(missing_ok=True)
-            self.done = True
-
-
 def flagged_path_for(out: str | Path) -> Path:
     """``results.csv`` → ``results.flagged.csv`` next to it."""
     out = Path(out)
@@ -137,20 +83,12 @@ def flagged_path_for(out: str | Path) -> Path:
 
 def write_csv_atomic(target: str | Path, columns: Sequence[str], rows: Iterable[Mapping]) -> Path:
     """Write a whole CSV atomically (temp + fsync + ``os.replace``)."""
-    f = _AtomicFile(target)
-    try:
-        with open(f.tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(columns)
-            for row in rows:
-                w.writerow([format_value(c, row.get(c)) for c in columns])
-    except OSError as exc:
-        f.abort()
-        raise _output_error(f.target, exc) from exc
-    except BaseException:
-        f.abort()
-        raise
-    return f.commit()
+    with AtomicFile(target) as f:
+        w = csv.writer(f.open("w", newline="", encoding="utf-8"))
+        w.writerow(columns)
+        for row in rows:
+            w.writerow([format_value(c, row.get(c)) for c in columns])
+    return f.target
 
 
 class CsvResultsWriter:
@@ -165,8 +103,8 @@ class CsvResultsWriter:
         self.columns = list(columns)
         self.path = Path(path)
         self.flagged_path = Path(flagged_path) if flagged_path else flagged_path_for(path)
-        self._file = _AtomicFile(self.path)
-        self._fh = open(self._file.tmp, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        self._file = AtomicFile(self.path)
+        self._fh = self._file.open("w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._fh)
         self._csv.writerow(self.columns)
         self._flagged: list[dict[str, Any]] = []
@@ -182,25 +120,21 @@ class CsvResultsWriter:
                     self._flagged.append(dict(row))
         except OSError as exc:
             self.abort()
-            raise _output_error(self.path, exc) from exc
+            raise output_error(self.path, exc) from exc
 
     def commit(self) -> tuple[Path, Path]:
         """Publish ``results.csv`` and ``<stem>.flagged.csv`` (highest score first)."""
-        try:
-            self._fh.flush()
-            self._fh.close()
-        except OSError as exc:
-            self.abort()
-            raise _output_error(self.path, exc) from exc
         flagged = sorted(self._flagged, key=lambda r: -float(r.get("score") or 0.0))
-        write_csv_atomic(self.flagged_path, self.columns, flagged)
+        try:
+            write_csv_atomic(self.flagged_path, self.columns, flagged)
+        except BaseException:
+            self.abort()
+            raise
         self._file.commit()
         return self.path, self.flagged_path
 
     def abort(self) -> None:
         """Drop the temporary file; the previous outputs stay as they were."""
-        with contextlib.suppress(OSError):
-            self._fh.close()
         self._file.abort()
 
 
@@ -217,14 +151,7 @@ def write_heatmap_png(folder: str | Path, image_id: str, overlay_rgb: np.ndarray
     ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay_rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OutputError(f"could not encode heatmap PNG for {target.name}")
-    f = _AtomicFile(target)
-    try:
-        with open(f.tmp, "wb") as fh:
-            fh.write(buf.tobytes())
-    except OSError as exc:
-        f.abort()
-        raise _output_error(target, exc) from exc
-    return f.commit()
+    return write_bytes(target, buf.tobytes())
 
 
 class Hdf5ResultsWriter:
@@ -254,13 +181,13 @@ class Hdf5ResultsWriter:
         self.classes = list(classes)
         self.n_members = int(n_members)
         self.hw = (int(heatmap_size[0]), int(heatmap_size[1]))
-        self._file = _AtomicFile(self.path)
+        self._file = AtomicFile(self.path)
         try:
             self._h5 = h5py.File(self._file.tmp, "w")
             self._create(manifests)
         except OSError as exc:
             self._file.abort()
-            raise _output_error(self.path, exc) from exc
+            raise output_error(self.path, exc) from exc
         self.n_rows = 0
 
     def _create(self, manifests: Mapping[str, Mapping[str, Any]]) -> None:
@@ -330,7 +257,7 @@ class Hdf5ResultsWriter:
                 ds[start + i] = np.clip(hm, 0.0, 1.0).astype(np.float16)
         except OSError as exc:
             self.abort()
-            raise _output_error(self.path, exc) from exc
+            raise output_error(self.path, exc) from exc
         self.n_rows = stop
 
     def align(
@@ -352,7 +279,7 @@ class Hdf5ResultsWriter:
             self._h5.close()
         except OSError as exc:
             self.abort()
-            raise _output_error(self.path, exc) from exc
+            raise output_error(self.path, exc) from exc
         return self._file.commit()
 
     def abort(self) -> None:

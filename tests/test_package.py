@@ -152,9 +152,9 @@ def test_pickle_disguised_as_safetensors_is_never_unpickled(saved, tmp_path: Pat
     evil = path / "member00-tiny_cnn-evil.safetensors"
     evil.write_bytes(pickle.dumps({"w": _Payload()}))
     # Even with the manifest rewritten to match the pickle's hash, it must not load.
-    from osteoscan.package import sha256_file
+    from osteoscan.hashing import file_sha256
 
-    member = replace(manifest.members[0], weights=evil.name, sha256=sha256_file(evil))
+    member = replace(manifest.members[0], weights=evil.name, sha256=file_sha256(evil))
     doctored = replace(manifest, members=[member, *manifest.members[1:]])
     (path / MANIFEST).write_text(json.dumps(doctored.to_dict()))
     with pytest.raises(ModelIntegrityError, match="not a valid safetensors"):

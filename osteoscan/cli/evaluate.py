@@ -6,8 +6,6 @@ Thin: :func:`osteoscan.evaluate.evaluate_model` does the work; this module parse
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from osteoscan.errors import OutputError, UsageError
+from osteoscan.atomic import write_text
+from osteoscan.errors import UsageError
 
 VARIANT_TITLES = {
     "image_only": "image only",
@@ -27,17 +26,7 @@ VARIANT_TITLES = {
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     """Atomic write: a killed run never leaves a half-written report."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from exc
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _table(title: str, metrics: dict[str, Any]) -> Table:

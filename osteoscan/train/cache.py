@@ -15,10 +15,9 @@ stored; header age and sex are (they are the model's covariates).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from osteoscan.atomic import AtomicFile
+from osteoscan.errors import OutputError
 from osteoscan.hashing import file_sha256
 from osteoscan.preprocess import PreprocessConfig, preprocess
 from osteoscan.train.dedup import Fingerprint, fingerprint
@@ -115,18 +116,15 @@ class ImageCache:
             "phash": str(fp.phash) if fp else None,
         }
         empty = np.zeros((0,), dtype=np.uint16)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    image=item.image if item.image is not None else empty,
-                    small=fp.small if fp else np.zeros((0,), np.float32),
-                    meta=np.array(json.dumps(meta)),
-                )
-            os.replace(tmp, file)  # atomic: a killed run never leaves a half-written entry
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)
+        # Atomic: a killed run never leaves a half-written entry. A cache that cannot be written
+        # (disk full) only costs speed, so the error is dropped.
+        with contextlib.suppress(OutputError), AtomicFile(file) as f:
+            np.savez(
+                f.open("wb"),
+                image=item.image if item.image is not None else empty,
+                small=fp.small if fp else np.zeros((0,), np.float32),
+                meta=np.array(json.dumps(meta)),
+            )
 
     def _read(self, path: str) -> CachedImage:
         from osteoscan.readers import read_frames  # lazy: readers pull in pydicom & codecs
