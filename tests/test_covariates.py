@@ -128,3 +128,50 @@ def test_knee_patient_details_as_is() -> None:
     found = [table.lookup(p, KNEE) for p in images]
     assert all(c is not None and c.age is not None and c.sex in ("F", "M") for c in found)
     assert table.lookup(KNEE / "osteopenia" / "OP1.jpg", KNEE) == Covariates(65.0, "M")
+
+
+def test_tally_counts_sources_and_warns_on_unusable_values(tmp_path: Path) -> None:
+    from osteoscan.covariates import CovariateTally
+
+    csv_path = tmp_path / "cov.csv"
+    csv_path.write_text("path,age,sex\nA1,sixty,F\nA2,-5,M\nA3,250,X\nA4,61,\nA5,,O\nghost,70,F\n")
+    tally = CovariateTally.from_csv(csv_path)
+    root = tmp_path / "data"
+    got = [
+        tally.resolve(Covariates(), root / "normal" / "A1.png", root),  # CSV sex only
+        tally.resolve(Covariates(50.0, None), root / "normal" / "A2.png", root),  # + CSV sex
+        tally.resolve(Covariates(), root / "normal" / "A3.png", root),  # nothing usable
+        tally.resolve(Covariates(), root / "normal" / "A4.png", root),  # CSV age
+        tally.resolve(Covariates(None, "F"), root / "normal" / "B9.png", root),  # header only
+        tally.resolve(Covariates(), root / "normal" / "B8.png", root),  # none
+    ]
+    assert got[1] == Covariates(50.0, "M") and got[2] == Covariates()
+    s = tally.summary()
+    assert (s.n_images, s.from_csv, s.from_header, s.none) == (6, 3, 1, 2)
+    assert s.unmatched_rows == ("A5", "ghost") and s.images_without_row == ("B9.png", "B8.png")
+    # "sixty", -5, 250 and X are reported; the empty cell and sex O ("other") are not errors.
+    assert [(k, c) for k, c, _ in s.unusable] == [("A1", "age"), ("A2", "age"), ("A3", "age"),
+                                                 ("A3", "sex")]  # fmt: skip
+    warnings = s.warnings()
+    assert len(warnings) == 2
+    assert "4 unusable value(s)" in warnings[1] and "'sixty'" in warnings[1]
+    assert "2 of 6 images have no row" in warnings[0]
+    assert s.to_dict()["unusable_values"] == 4 and "6 images" in s.line()
+
+
+def test_tally_warns_when_the_csv_matches_no_image(tmp_path: Path) -> None:
+    from osteoscan.covariates import CovariateTally
+
+    csv_path = tmp_path / "cov.csv"
+    csv_path.write_text("path,age,sex\nP001,60,F\nP002,70,M\n")
+    tally = CovariateTally.from_csv(csv_path)
+    for name in ("x1.png", "x2.png"):
+        tally.resolve(Covariates(), tmp_path / name, tmp_path)
+    s = tally.summary()
+    assert s.none == 2 and s.from_csv == 0
+    (warning,) = s.warnings()
+    assert "none of its 2 rows matches an image" in warning and "'P001'" in warning
+    # Without a CSV: header counts only, never a warning.
+    plain = CovariateTally()
+    plain.resolve(Covariates(70.0, "F"), tmp_path / "a.dcm")
+    assert plain.summary().from_header == 1 and plain.summary().warnings() == []
