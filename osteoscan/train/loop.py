@@ -191,6 +191,135 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
     return chunks
 
 
+@dataclass
+class _Best:
+    """The best state so far (by validation AUC, ties by validation loss)."""
+
+    key: tuple[float, float] | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch: int = 0
+    auc: float = float("nan")
+    logits: np.ndarray | None = None
+
+    def offer(self, model: nn.Module, epoch: int, auc: float, loss: float, logits: Any) -> bool:
+        """Keep ``model``'s state if it beats the best so far; True when it does."""
+        key = (auc if math.isfinite(auc) else -1.0, -loss if math.isfinite(loss) else -1e9)
+        if self.key is not None and key <= self.key:
+            return False
+        self.key, self.epoch, self.auc, self.logits = key, epoch, auc, logits
+        self.state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+        return True
+
+
+class _Fit:
+    """One member's fit: tensors on the device, the loss, one epoch or one stage at a time."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, seed: int,
+                 data: tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray],
+                 norm: tuple[Sequence[float], Sequence[float]], n_classes: int,
+                 positive_idx: Sequence[int], event: Callable[..., None]) -> None:  # fmt: skip
+        train_x, train_y, self.val_x, val_y = data
+        self.model, self.cfg, self.device, self.event = model, cfg, device, event
+        self.mean, self.std = norm
+        self.positive_idx = positive_idx
+        self.amp = (
+            (device.type == "cuda") if cfg.amp is None else bool(cfg.amp and device.type == "cuda")
+        )
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model.to(device)
+        model.to(memory_format=fmt)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.augment = RandomAffine(cfg.augment, seed=seed + 1)
+        self.tx = train_x.to(device)
+        self.ty = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
+        self.val_y = np.asarray(val_y, dtype=np.int64)
+        self.weight = class_weights(train_y, n_classes).to(device) if cfg.class_weights else None
+        bf16 = torch.cuda.is_bf16_supported() if self.amp else True
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not bf16)
+        self.best = _Best(logits=np.zeros((len(self.val_y), n_classes), dtype=np.float32))
+        self.epoch = 0
+
+    def validate(self) -> tuple[np.ndarray, float, float]:
+        """(validation logits, loss, positive-vs-rest AUC) of the model as it is."""
+        logits = predict_logits(
+            self.model, self.val_x, mean=self.mean, std=self.std, device=self.device,
+            batch_size=self.cfg.batch_size * 2, channels_last=self.cfg.channels_last, amp=self.amp,
+        )  # fmt: skip
+        if len(self.val_y) == 0:
+            return logits, float("nan"), float("nan")
+        lt = torch.from_numpy(logits)
+        vloss = float(F.cross_entropy(lt, torch.from_numpy(self.val_y)))
+        probs = torch.softmax(lt, dim=1).numpy()
+        return logits, vloss, positive_auc(self.val_y, probs, self.positive_idx)
+
+    def train_epoch(self, opt: torch.optim.Optimizer, sched: Any, params: list[nn.Parameter],
+                    stage: str, steps: int) -> float:  # fmt: skip
+        """One pass over the shuffled training data; returns the mean training loss."""
+        cfg, dev = self.cfg, self.device
+        total, count = 0.0, 0
+        for i, idx in enumerate(_batches(self.tx.shape[0], cfg.batch_size, self.gen)):
+            xb = to_model_input(self.augment(self.tx[idx.to(dev)]), self.mean, self.std,
+                                cfg.channels_last)  # fmt: skip
+            with _autocast(dev, self.amp):
+                logits = self.model(xb)
+            loss = F.cross_entropy(logits.float(), self.ty[idx.to(dev)], weight=self.weight,
+                                   label_smoothing=cfg.label_smoothing)  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                self.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.scaler.step(opt)
+            self.scaler.update()
+            sched.step()
+            total += float(loss.detach()) * idx.numel()
+            count += idx.numel()
+            self.event("batch", stage=stage, epoch=self.epoch, step=i + 1, n_steps=steps,
+                       metrics={"loss": float(loss.detach())})  # fmt: skip
+        return total / max(count, 1)
+
+    def run_stage(self, stage: Stage, history: list[dict[str, Any]]) -> None:
+        """Train through ``stage`` from the best weights so far, with early stopping."""
+        cfg, model = self.cfg, self.model
+        if self.best.state:
+            # Each stage starts from the best weights so far, not from an overfitted last epoch.
+            model.load_state_dict(self.best.state)
+        stage.setup(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            return
+        opt = _make_optimizer(params, cfg, stage.lr)
+        steps = len(_batches(self.tx.shape[0], cfg.batch_size, torch.Generator().manual_seed(0)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, _lr_lambda(cfg, steps * stage.epochs, steps * cfg.warmup_epochs)
+        )
+        plateau = None
+        if cfg.schedule == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="max", factor=0.5, patience=max(1, cfg.patience // 2)
+            )
+        stale = 0
+        for _ in range(stage.epochs):
+            self.epoch += 1
+            t0 = time.perf_counter()
+            model.train()
+            _freeze_bn_stats(model)
+            self.event("epoch_start", stage=stage.name, epoch=self.epoch, n_steps=steps)
+            train_loss = self.train_epoch(opt, sched, params, stage.name, steps)
+            logits_v, vloss, vauc = self.validate()
+            if plateau is not None:
+                plateau.step(vauc if math.isfinite(vauc) else -vloss)
+            improved = self.best.offer(model, self.epoch, vauc, vloss, logits_v)
+            stale = 0 if improved else stale + 1
+            row = {"epoch": self.epoch, "stage": stage.name, "train_loss": train_loss,
+                   "val_loss": vloss, "val_auc": vauc, "lr": opt.param_groups[0]["lr"],
+                   "seconds": time.perf_counter() - t0, "best": improved}  # fmt: skip
+            history.append(row)
+            self.event("epoch_end", stage=stage.name, epoch=self.epoch, metrics=dict(row))
+            if stale >= cfg.patience:
+                break
+
+
 def fit_member(
     model: nn.Module,
     train_x: torch.Tensor,
@@ -215,168 +344,27 @@ def fit_member(
     ``train_x``/``val_x`` are uint16 (N, 1, S, S) CPU tensors, ``train_y``/``val_y`` int class
     indices. Deterministic for a given ``seed`` on the same device and thread count.
     """
-    device = torch.device(device)
     seed = cfg.seed if seed is None else seed
     seed_everything(seed)
     emit = progress or (lambda _e: None)
-    amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp and device.type == "cuda")
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=fmt)
-    gen = torch.Generator().manual_seed(seed)
-    augment = RandomAffine(cfg.augment, seed=seed + 1)
-    tx = train_x.to(device)
-    ty = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
-    val_y = np.asarray(val_y, dtype=np.int64)
-    weight = class_weights(train_y, n_classes).to(device) if cfg.class_weights else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
     n_epochs = sum(s.epochs for s in stages)
 
-    def evaluate() -> tuple[np.ndarray, float, float]:
-        logits = predict_logits(
-            model,
-            val_x,
-            mean=mean,
-            std=std,
-            device=device,
-            batch_size=cfg.batch_size * 2,
-            channels_last=cfg.channels_last,
-            amp=amp,
-        )
-        if len(val_y) == 0:
-            return logits, float("nan"), float("nan")
-        lt = torch.from_numpy(logits)
-        vloss = float(F.cross_entropy(lt, torch.from_numpy(val_y)))
-        probs = torch.softmax(lt, dim=1).numpy()
-        return logits, vloss, positive_auc(val_y, probs, positive_idx)
+    def event(kind: str, **kw: Any) -> None:
+        emit(TrainEvent(kind, member=member, n_members=n_members, n_epochs=n_epochs, **kw))
 
-    def key(auc: float, loss: float) -> tuple[float, float]:
-        return (auc if math.isfinite(auc) else -1.0, -loss if math.isfinite(loss) else -1e9)
-
-    best_key: tuple[float, float] | None = None
-    best_state: dict[str, torch.Tensor] = {}
-    best_epoch, best_auc = 0, float("nan")
-    best_logits = np.zeros((len(val_y), n_classes), dtype=np.float32)
+    fit = _Fit(model, cfg, torch.device(device), seed, (train_x, train_y, val_x, val_y),
+               (mean, std), n_classes, positive_idx, event)  # fmt: skip
     history: list[dict[str, Any]] = []
-    epoch = 0
-    emit(TrainEvent("member_start", member=member, n_members=n_members, n_epochs=n_epochs))
+    event("member_start")
     for stage in stages:
-        if stage.epochs <= 0:
-            continue
-        if best_state:
-            # Each stage starts from the best weights so far, not from an overfitted last epoch.
-            model.load_state_dict(best_state)
-        stage.setup(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            continue
-        opt = _make_optimizer(params, cfg, stage.lr)
-        steps = len(_batches(tx.shape[0], cfg.batch_size, torch.Generator().manual_seed(0)))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, _lr_lambda(cfg, steps * stage.epochs, steps * cfg.warmup_epochs)
-        )
-        plateau = (
-            torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode="max", factor=0.5, patience=max(1, cfg.patience // 2)
-            )
-            if cfg.schedule == "plateau"
-            else None
-        )
-        stale = 0
-        for _ in range(stage.epochs):
-            epoch += 1
-            t0 = time.perf_counter()
-            model.train()
-            _freeze_bn_stats(model)
-            emit(
-                TrainEvent(
-                    "epoch_start",
-                    member=member,
-                    n_members=n_members,
-                    stage=stage.name,
-                    epoch=epoch,
-                    n_epochs=n_epochs,
-                    n_steps=steps,
-                )
-            )
-            total, count = 0.0, 0
-            for i, idx in enumerate(_batches(tx.shape[0], cfg.batch_size, gen)):
-                xb = to_model_input(augment(tx[idx.to(device)]), mean, std, cfg.channels_last)
-                with _autocast(device, amp):
-                    logits = model(xb)
-                loss = F.cross_entropy(
-                    logits.float(),
-                    ty[idx.to(device)],
-                    weight=weight,
-                    label_smoothing=cfg.label_smoothing,
-                )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                total += float(loss.detach()) * idx.numel()
-                count += idx.numel()
-                emit(
-                    TrainEvent(
-                        "batch",
-                        member=member,
-                        n_members=n_members,
-                        stage=stage.name,
-                        epoch=epoch,
-                        n_epochs=n_epochs,
-                        step=i + 1,
-                        n_steps=steps,
-                        metrics={"loss": float(loss.detach())},
-                    )
-                )
-            logits_v, vloss, vauc = evaluate()
-            if plateau is not None:
-                plateau.step(vauc if math.isfinite(vauc) else -vloss)
-            row = {
-                "epoch": epoch,
-                "stage": stage.name,
-                "train_loss": total / max(count, 1),
-                "val_loss": vloss,
-                "val_auc": vauc,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t0,
-            }
-            k = key(vauc, vloss)
-            improved = best_key is None or k > best_key
-            if improved:
-                best_key, best_epoch, best_auc, best_logits = k, epoch, vauc, logits_v
-                best_state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
-                stale = 0
-            else:
-                stale += 1
-            row["best"] = improved
-            history.append(row)
-            emit(
-                TrainEvent(
-                    "epoch_end",
-                    member=member,
-                    n_members=n_members,
-                    stage=stage.name,
-                    epoch=epoch,
-                    n_epochs=n_epochs,
-                    metrics=dict(row),
-                )
-            )
-            if stale >= cfg.patience:
-                break
-    if not best_state:
-        best_state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
-    model.load_state_dict(best_state)
+        if stage.epochs > 0:
+            fit.run_stage(stage, history)
+    best = fit.best
+    if not best.state:
+        best.state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    model.load_state_dict(best.state)
     model.eval()
-    emit(
-        TrainEvent(
-            "member_end",
-            member=member,
-            n_members=n_members,
-            metrics={"best_epoch": best_epoch, "best_val_auc": best_auc},
-        )
-    )
-    return FitResult(best_state, history, best_epoch, best_auc, best_logits)
+    emit(TrainEvent("member_end", member=member, n_members=n_members,
+                    metrics={"best_epoch": best.epoch, "best_val_auc": best.auc}))  # fmt: skip
+    assert best.logits is not None
+    return FitResult(best.state, history, best.epoch, best.auc, best.logits)
