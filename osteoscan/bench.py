@@ -30,9 +30,12 @@ import torch
 from osteoscan.errors import UsageError
 from osteoscan.load import Loader
 from osteoscan.runtime import configure_allocator, configure_cpu, select_device
-from osteoscan.scan.dataset import ScanDataset, make_loader
-from osteoscan.scan.pipeline import LoadedModel, ScanConfig, discover_files, load_models, run_scan
+from osteoscan.scan.config import ScanConfig
+from osteoscan.scan.engines.local import ScanDataset, make_loader
+from osteoscan.scan.pipeline import run_scan
+from osteoscan.scan.plan import discover_files
 from osteoscan.scan.routing import Router
+from osteoscan.scan.score import LoadedModel, load_models
 
 
 def make_synthetic_jpegs(folder: Path, n: int, size: int = 1024, distinct: int = 4) -> list[Path]:

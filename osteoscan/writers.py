@@ -1,10 +1,9 @@
 """Scan outputs: results CSV, ``<stem>.flagged.csv``, HDF5 and heatmap PNGs — all atomic.
 
-Writers consume what the pipeline produces per batch — row dicts keyed by
-:func:`result_columns` plus NumPy arrays — so incremental runs can feed them old and new rows
-alike. Every file is written to a temporary file in the target folder and only replaces the
-target after ``fsync`` (:meth:`commit`); a run that fails or is killed leaves the previous
-outputs untouched and no partial file under the target name.
+Writers consume :class:`~osteoscan.rows.ResultRow` records (and NumPy arrays for the HDF5) read
+back from the scan state, old and new rows alike. Every file is written to a temporary file in
+the target folder and only replaces the target after ``fsync`` (:meth:`commit`); a run that
+fails or is killed leaves the previous outputs untouched and no partial file under the target name.
 
 CSV values: probabilities, score, threshold and uncertainty with 6 decimals, ``flagged`` as
 ``true``/``false``, missing values empty. Heatmap PNG names derive from a hash of the image_id,
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime as _dt
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,52 +25,13 @@ import numpy as np
 from osteoscan import __version__
 from osteoscan.atomic import AtomicFile, output_error, write_bytes
 from osteoscan.errors import OutputError
+from osteoscan.rows import ResultRow, utc_now
 
-# The fixed columns of results.csv (DESIGN.md), around the model-dependent p_<class> columns.
-COLUMNS_BEFORE_PROBS: tuple[str, ...] = (
-    "path", "frame", "image_id", "status", "reason", "body_part", "model",
-)  # fmt: skip
-COLUMNS_AFTER_PROBS: tuple[str, ...] = (
-    "prediction", "score", "threshold", "flagged", "uncertainty", "heatmap", "scanned_at",
-    "covariates",
-)  # fmt: skip
-RESULT_COLUMNS: tuple[str, ...] = COLUMNS_BEFORE_PROBS + COLUMNS_AFTER_PROBS
 HEATMAP_METHOD = (
     "Grad-CAM on each member's cam_layer, target = summed positive-class logits / temperature; "
     "ReLU, bilinear upsampling to the model input, mean over members"
 )
 HEATMAP_NORMALISATION = "fused map divided by its per-image maximum (range [0, 1]); 0 when flat"
-_FLOAT_COLUMNS = {"score", "threshold", "uncertainty"}
-
-
-def union_classes(class_lists: Iterable[Sequence[str]]) -> list[str]:
-    """Classes of several models in first-seen order (the p_<class> columns of a mixed scan)."""
-    out: list[str] = []
-    for classes in class_lists:
-        out.extend(c for c in classes if c not in out)
-    return out
-
-
-def result_columns(classes: Sequence[str]) -> list[str]:
-    """The results.csv header for models with ``classes`` (DESIGN.md order + ``covariates``)."""
-    return [*COLUMNS_BEFORE_PROBS, *(f"p_{c}" for c in classes), *COLUMNS_AFTER_PROBS]
-
-
-def utc_now() -> str:
-    """UTC time, ISO 8601 with seconds (the ``scanned_at`` column)."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def format_value(column: str, value: Any) -> str:
-    """One CSV cell: floats with 6 decimals, booleans lower-case, None empty."""
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if column.startswith("p_") or column in _FLOAT_COLUMNS:
-        v = float(value)
-        return "" if np.isnan(v) else f"{v:.6f}"
-    return str(value)
 
 
 def flagged_path_for(out: str | Path) -> Path:
@@ -81,13 +40,13 @@ def flagged_path_for(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.flagged.csv")
 
 
-def write_csv_atomic(target: str | Path, columns: Sequence[str], rows: Iterable[Mapping]) -> Path:
-    """Write a whole CSV atomically (temp + fsync + ``os.replace``)."""
+def write_csv_atomic(target: str | Path, columns: Sequence[str], rows: Iterable[ResultRow]) -> Path:
+    """Write a whole results CSV atomically (temp + fsync + ``os.replace``)."""
     with AtomicFile(target) as f:
         w = csv.writer(f.open("w", newline="", encoding="utf-8"))
         w.writerow(columns)
         for row in rows:
-            w.writerow([format_value(c, row.get(c)) for c in columns])
+            w.writerow(row.csv_cells(columns))
     return f.target
 
 
@@ -107,24 +66,24 @@ class CsvResultsWriter:
         self._fh = self._file.open("w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._fh)
         self._csv.writerow(self.columns)
-        self._flagged: list[dict[str, Any]] = []
+        self._flagged: list[ResultRow] = []
         self.n_rows = 0
 
-    def write_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Append rows (dicts keyed by column name; missing keys are empty)."""
+    def write_rows(self, rows: Iterable[ResultRow]) -> None:
+        """Append rows (columns a row lacks are empty)."""
         try:
             for row in rows:
-                self._csv.writerow([format_value(c, row.get(c)) for c in self.columns])
+                self._csv.writerow(row.csv_cells(self.columns))
                 self.n_rows += 1
-                if row.get("flagged") is True or row.get("flagged") is np.True_:
-                    self._flagged.append(dict(row))
+                if row.is_flagged:
+                    self._flagged.append(row)
         except OSError as exc:
             self.abort()
             raise output_error(self.path, exc) from exc
 
     def commit(self) -> tuple[Path, Path]:
         """Publish ``results.csv`` and ``<stem>.flagged.csv`` (highest score first)."""
-        flagged = sorted(self._flagged, key=lambda r: -float(r.get("score") or 0.0))
+        flagged = sorted(self._flagged, key=lambda r: -(r.score or 0.0))
         try:
             write_csv_atomic(self.flagged_path, self.columns, flagged)
         except BaseException:
@@ -221,7 +180,7 @@ class Hdf5ResultsWriter:
 
     def write(
         self,
-        rows: Sequence[Mapping[str, Any]],
+        rows: Sequence[ResultRow],
         probs: np.ndarray,
         member_probs: np.ndarray,
         heatmaps: Sequence[np.ndarray | None],
@@ -236,13 +195,13 @@ class Hdf5ResultsWriter:
         try:
             for name in h5:
                 h5[name].resize(stop, axis=0)
-            h5["path"][start:stop] = [str(r["path"]) for r in rows]
-            h5["image_id"][start:stop] = [str(r["image_id"]) for r in rows]
-            h5["model"][start:stop] = [str(r.get("model") or "") for r in rows]
-            h5["frame"][start:stop] = [int(r.get("frame") or 0) for r in rows]
-            h5["score"][start:stop] = [float(r["score"]) for r in rows]
-            h5["uncertainty"][start:stop] = [float(r.get("uncertainty") or 0.0) for r in rows]
-            h5["flagged"][start:stop] = [bool(r["flagged"]) for r in rows]
+            h5["path"][start:stop] = [r.path for r in rows]
+            h5["image_id"][start:stop] = [r.image_id for r in rows]
+            h5["model"][start:stop] = [r.model for r in rows]
+            h5["frame"][start:stop] = [r.frame for r in rows]
+            h5["score"][start:stop] = [float(r.score or 0.0) for r in rows]
+            h5["uncertainty"][start:stop] = [float(r.uncertainty or 0.0) for r in rows]
+            h5["flagged"][start:stop] = [r.is_flagged for r in rows]
             h5["probs"][start:stop] = probs.astype(np.float32)
             h5["member_probs"][start:stop] = member_probs.astype(np.float32)
             h5["has_heatmap"][start:stop] = [hm is not None for hm in heatmaps]

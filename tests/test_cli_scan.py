@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from osteoscan import synthetic
 from osteoscan.cli import app, main
-from osteoscan.writers import read_hdf5, result_columns
+from osteoscan.rows import result_columns
+from osteoscan.writers import read_hdf5
 
 runner = CliRunner()
 

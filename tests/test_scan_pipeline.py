@@ -13,9 +13,13 @@ from pydicom.uid import JPEG2000Lossless
 
 from osteoscan import synthetic
 from osteoscan.load import Loader
-from osteoscan.scan.dataset import ScanDataset, collate_frames
-from osteoscan.scan.pipeline import ScanConfig, ScanContext, discover_files, load_models, run_scan
+from osteoscan.scan.batch import collate_frames
+from osteoscan.scan.config import ScanConfig
+from osteoscan.scan.engines.local import ScanDataset
+from osteoscan.scan.pipeline import run_scan
+from osteoscan.scan.plan import discover_files
 from osteoscan.scan.routing import Router
+from osteoscan.scan.score import Scorer, load_models
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -135,7 +139,7 @@ def test_covariates_from_header_and_csv(archive: Path, tiny_package, tmp_path) -
     cfg = ScanConfig(paths=[archive], out=tmp_path / "r.csv", covariates=tmp_path / "cov.csv",
                      covariate_columns=("file", "years", "gender"))  # fmt: skip
     models = load_models([str(tiny_package())], __import__("torch").device("cpu"))
-    ctx = ScanContext(cfg, models)
+    ctx = Scorer(cfg, models)
     files, _ = discover_files(cfg)
     ds = ScanDataset(files, Loader(Router([["knee"]], override="knee"), [models[0].preprocess]))
     recs = {Path(r.path).name: r for i in range(len(ds)) for r in ds[i]}
@@ -152,7 +156,7 @@ def test_memory_flat_across_batches_with_heatmaps(archive: Path, tiny_package, t
     cfg = ScanConfig(paths=[archive / "png"], out=tmp_path / "r.csv", hdf5=tmp_path / "r.h5",
                      batch_size=8)  # fmt: skip
     models = load_models([str(tiny_package())], torch.device("cpu"))
-    ctx = ScanContext(cfg, models)
+    ctx = Scorer(cfg, models)
     assert ctx.heatmaps_same_pass
     files, _ = discover_files(cfg)
     ds = ScanDataset(files, Loader(Router([["knee"]], override="knee"), [models[0].preprocess]))
@@ -163,11 +167,11 @@ def test_memory_flat_across_batches_with_heatmaps(archive: Path, tiny_package, t
             return int(fh.read().split()[1]) * 4096
 
     for _ in range(5):
-        ctx.score_batch(batch)
+        ctx.score(batch)
     before = rss()
     for _ in range(40):
-        res = ctx.score_batch(batch)
-        assert all(hm is not None for c in res.chunks for hm in c.pred.heatmaps)
+        res = ctx.score(batch)
+        assert all(item.heatmap is not None for item in res if item.row.status == "ok")
     growth = rss() - before
     assert growth < 8 * 1024**2, f"RSS grew {growth / 1024**2:.1f} MiB over 40 batches"
     for model in models[0].ensemble.models:  # Grad-CAM hooks released every batch

@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 
 from osteoscan.errors import OutputError
-from osteoscan.scan.state import (
-    ResultRow,
-    ScanState,
-    default_state_path,
-    run_key,
-)
+from osteoscan.rows import ResultRow, ScoredRow, utc_now
+from osteoscan.scan.state import ScanState, default_state_path, run_key
 
 KEY = run_key(["pkg-a"], {"threshold": None})
 
@@ -42,9 +38,15 @@ def _row(path: Path, frame: int = 0, score: float = 0.5, status: str = "ok") -> 
     }
 
 
+def _res(row: dict, file_frames: int = 1, **arrays: object) -> ScoredRow:
+    return ScoredRow(
+        ResultRow.from_dict({"scanned_at": utc_now(), **row}), file_frames, **arrays  # type: ignore[arg-type]
+    )
+
+
 def _record_all(state: ScanState, files: list[Path], key: str = KEY) -> None:
     for i, p in enumerate(files):
-        state.record([ResultRow(_row(p, score=i / len(files)))], key)
+        state.record([_res(_row(p, score=i / len(files)))], key)
 
 
 def test_default_path_and_run_key_are_stable() -> None:
@@ -78,15 +80,13 @@ def test_rows_have_stable_order_no_duplicates_and_keep_scanned_at(tmp_path: Path
     with ScanState.open(tmp_path / "s.sqlite") as st:
         st.plan(files, KEY)
         for p in reversed(files):  # recorded out of order
-            st.record([ResultRow({**_row(p), "scanned_at": "2020-01-01T00:00:00Z"})], KEY)
+            st.record([_res({**_row(p), "scanned_at": "2020-01-01T00:00:00Z"})], KEY)
         st.plan(files, KEY, force=True)
-        st.record([ResultRow(_row(files[0], score=0.9))], KEY)  # rescored: replaced, not added
+        st.record([_res(_row(files[0], score=0.9))], KEY)  # rescored: replaced, not added
         rows = list(st.rows())
-        assert [r["path"] for r in rows] == [str(p) for p in files]
-        assert rows[0]["score"] == 0.9 and rows[0]["scanned_at"] != "2020-01-01T00:00:00Z"
-        assert rows[1]["scanned_at"] == "2020-01-01T00:00:00Z"
-        flagged = list(st.rows(flagged_only=True))
-        assert [r["score"] for r in flagged] == sorted((r["score"] for r in flagged), reverse=True)
+        assert [r.path for r in rows] == [str(p) for p in files]
+        assert rows[0].score == 0.9 and rows[0].scanned_at != "2020-01-01T00:00:00Z"
+        assert rows[1].scanned_at == "2020-01-01T00:00:00Z"
 
 
 def test_multiframe_file_done_only_when_all_frames_recorded(tmp_path: Path) -> None:
@@ -94,34 +94,33 @@ def test_multiframe_file_done_only_when_all_frames_recorded(tmp_path: Path) -> N
     db = tmp_path / "s.sqlite"
     with ScanState.open(db) as st:
         st.plan([f], KEY)
-        st.record([ResultRow(_row(f, 0), file_frames=3), ResultRow(_row(f, 1), file_frames=3)], KEY)
+        st.record([_res(_row(f, 0), file_frames=3), _res(_row(f, 1), file_frames=3)], KEY)
     with ScanState.open(db) as st:  # "killed" before frame 2: the file must be planned again
         assert st.plan([f], KEY).todo == [f]
-        st.record([ResultRow(_row(f, i), file_frames=3) for i in range(3)], KEY)
+        st.record([_res(_row(f, i), file_frames=3) for i in range(3)], KEY)
     with ScanState.open(db) as st:
         assert st.plan([f], KEY).todo == []
         assert st.n_rows() == 3
         # the file now has one frame (became an error): stale frames are removed
         st.plan([f], KEY, force=True)
-        st.record([ResultRow(_row(f, 0, status="error"))], KEY)
+        st.record([_res(_row(f, 0, status="error"))], KEY)
         assert st.n_rows() == 1
         assert st.summary()["failed"] == 1
 
 
-def test_arrays_round_trip_and_lookup_by_image_identity(tmp_path: Path) -> None:
+def test_arrays_round_trip(tmp_path: Path) -> None:
     (f,) = _files(tmp_path, 1)
     mp = np.random.default_rng(0).random((3, 2)).astype(np.float32)
     hm = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(64, 48)
     with ScanState.open(tmp_path / "s.sqlite") as st:
         st.plan([f], KEY)
         row = _row(f)
-        st.record([ResultRow(row, member_probs=mp, heatmap=hm)], KEY)
+        st.record([_res(row, member_probs=mp, heatmap=hm)], KEY)
         (stored,) = st.stored_rows()
         np.testing.assert_array_equal(stored.member_probs, mp)
         assert stored.heatmap.dtype == np.float16 and stored.heatmap.shape == (64, 48)
         np.testing.assert_allclose(stored.heatmap, hm, atol=1e-3)
-        assert st.lookup(row["image_id"], KEY)["path"] == str(f)
-        assert st.lookup(row["image_id"], run_key(["other"])) is None
+        assert stored.row == ResultRow.from_dict(stored.row.as_dict())
 
 
 def test_export_marks_follow_generation(tmp_path: Path) -> None:
@@ -145,10 +144,10 @@ def test_commit_is_atomic_per_batch(tmp_path: Path) -> None:
     db = tmp_path / "s.sqlite"
     with ScanState.open(db) as st:
         st.plan(files, KEY)
-        bad = ResultRow({"path": str(files[2]), "frame": 0, "status": "ok", "image_id": "x"})
+        bad = _res({"path": str(files[2]), "frame": 0, "status": "ok", "image_id": "x"})
         bad.member_probs = object()  # type: ignore[assignment]  # fails while encoding
         with pytest.raises((TypeError, ValueError)):
-            st.record([ResultRow(_row(files[0])), ResultRow(_row(files[1])), bad], KEY)
+            st.record([_res(_row(files[0])), _res(_row(files[1])), bad], KEY)
         assert st.n_rows() == 0
 
 

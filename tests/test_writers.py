@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 
 from osteoscan.errors import OutputError
+from osteoscan.rows import (
+    COLUMNS_AFTER_PROBS,
+    COLUMNS_BEFORE_PROBS,
+    ResultRow,
+    result_columns,
+    union_classes,
+)
 from osteoscan.writers import (
-    RESULT_COLUMNS,
     CsvResultsWriter,
     Hdf5ResultsWriter,
     heatmap_name,
     read_hdf5,
-    result_columns,
-    union_classes,
     write_heatmap_png,
 )
 
@@ -37,17 +41,17 @@ def test_columns_follow_design_md() -> None:
         "p_normal", "p_osteopenia", "p_osteoporosis", "prediction", "score", "threshold",
         "flagged", "uncertainty", "heatmap", "scanned_at", "covariates",
     ]  # fmt: skip
-    assert set(RESULT_COLUMNS) < set(result_columns(CLASSES))
+    assert set(COLUMNS_BEFORE_PROBS + COLUMNS_AFTER_PROBS) < set(result_columns(CLASSES))
     assert union_classes([["normal", "osteoporosis"], CLASSES]) == [
         "normal", "osteoporosis", "osteopenia"
     ]  # fmt: skip
 
 
-def _row(i: int, score: float | None, status: str = "ok") -> dict:
+def _row(i: int, score: float | None, status: str = "ok") -> ResultRow:
     row = {"path": f"/a/{i}.png", "frame": 0, "image_id": f"id{i}", "status": status}
     if score is not None:
         row.update(score=score, flagged=score >= 0.5, threshold=0.5, p_normal=1 - score)
-    return row
+    return ResultRow.from_dict(row)
 
 
 def test_csv_and_flagged_sorted_by_score(tmp_path: Path) -> None:
@@ -93,7 +97,9 @@ def test_hdf5_round_trip_and_heatmap_chunks(tmp_path: Path) -> None:
     probs = rng.dirichlet([1, 1, 1], size=3).astype(np.float32)
     member = np.stack([probs, probs], axis=1)
     hms = [rng.random((16, 16), dtype=np.float32), None, rng.random((32, 32), dtype=np.float32)]
-    rows = [{**_row(i, float(probs[i, 1:].sum())), "model": "m 1"} for i in range(3)]
+    rows = [_row(i, float(probs[i, 1:].sum())) for i in range(3)]
+    for row in rows:
+        row.model = "m 1"
     w.write(rows[:2], probs[:2], member[:2], hms[:2])
     w.write(rows[2:], probs[2:], member[2:], hms[2:])
     w.commit()

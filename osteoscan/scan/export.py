@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from osteoscan.scan.state import ScanState, StoredRow
+from osteoscan.rows import ResultRow, ScoredRow, result_columns, union_classes
+from osteoscan.scan.config import ScanConfig
+from osteoscan.scan.state import ScanState
 from osteoscan.writers import (
     CsvResultsWriter,
     Hdf5ResultsWriter,
     flagged_path_for,
-    result_columns,
-    union_classes,
+    write_heatmap_png,
 )
 
 HDF5_CHUNK = 256  # rows per HDF5 write: bounded memory over any archive size
@@ -39,7 +40,7 @@ def export_outputs(
     classes: Sequence[str] = (),
     manifests: Mapping[str, Mapping[str, Any]] | None = None,
     heatmap_size: tuple[int, int] | None = None,
-    extra_columns: Sequence[str] = (),
+    phi: bool = False,
     force: bool = False,
 ) -> list[Path]:
     """Rewrite the outputs that are older than the state; returns the paths rewritten.
@@ -47,7 +48,7 @@ def export_outputs(
     ``classes`` (the models of this run) come first in the ``p_<class>`` columns, followed by
     classes met only in older rows. ``manifests`` (label → manifest dict) and ``heatmap_size``
     describe the HDF5; without a heatmap size the first stored heatmap's shape is used.
-    ``extra_columns`` are appended to the CSV header (``--include-phi`` identifiers).
+    ``phi`` appends the identifier columns (``--include-phi``).
     """
     out = Path(out)
     flagged = Path(flagged) if flagged else flagged_path_for(out)
@@ -55,8 +56,7 @@ def export_outputs(
     all_classes = union_classes([list(classes), state.classes])
     written: list[Path] = []
     if force or state.needs_export("csv", out) or state.needs_export("flagged", flagged):
-        columns = [*result_columns(all_classes), *extra_columns]
-        writer = CsvResultsWriter(out, columns, flagged)
+        writer = CsvResultsWriter(out, result_columns(all_classes, phi=phi), flagged)
         try:
             writer.write_rows(state.rows())
             written += list(writer.commit())
@@ -71,9 +71,9 @@ def export_outputs(
     return written
 
 
-def _row_classes(row: Mapping[str, Any], n: int) -> list[str]:
-    """The classes of the model that scored ``row``: its p_ keys with a value, in row order."""
-    names = [k[2:] for k, v in row.items() if k.startswith("p_") and v is not None]
+def _row_classes(row: ResultRow, n: int) -> list[str]:
+    """The classes of the model that scored ``row``, in row order (``n`` of them if known)."""
+    names = list(row.probs)
     return names[:n] if n else names
 
 
@@ -94,7 +94,7 @@ def _export_hdf5(
     hw = heatmap_size or _first_heatmap_shape(state)
     writer = Hdf5ResultsWriter(target, classes, max(state.max_members, 1), hw, manifests)
     try:
-        chunk: list[StoredRow] = []
+        chunk: list[ScoredRow] = []
         for stored in state.stored_rows(status="ok"):
             chunk.append(stored)
             if len(chunk) >= HDF5_CHUNK:
@@ -107,7 +107,7 @@ def _export_hdf5(
     return writer.commit()
 
 
-def _write_chunk(writer: Hdf5ResultsWriter, chunk: list[StoredRow]) -> None:
+def _write_chunk(writer: Hdf5ResultsWriter, chunk: list[ScoredRow]) -> None:
     if not chunk:
         return
     n_cls, n_mem = len(writer.classes), writer.n_members
@@ -116,9 +116,30 @@ def _write_chunk(writer: Hdf5ResultsWriter, chunk: list[StoredRow]) -> None:
     for i, stored in enumerate(chunk):
         mp = stored.member_probs
         row_classes = _row_classes(stored.row, 0 if mp is None else int(mp.shape[-1]))
-        p = np.array([float(stored.row[f"p_{c}"]) for c in row_classes], np.float32)
+        p = np.array([stored.row.probs[c] for c in row_classes], np.float32)
         m = mp if mp is not None else p[None, :]
         a_p, a_m = writer.align(row_classes, p[None, :], np.asarray(m, np.float32)[None])
         probs[i], members[i] = a_p[0], a_m[0]
     heatmaps = [None if s.heatmap is None else np.asarray(s.heatmap, np.float32) for s in chunk]
     writer.write([s.row for s in chunk], probs, members, heatmaps)
+
+
+def outputs_current(state: ScanState, cfg: ScanConfig) -> bool:
+    """True when results.csv, the flagged CSV and the HDF5 (if asked for) exist and reflect
+    every committed row: a run with nothing to score then has nothing to write either."""
+    targets = [("csv", cfg.out), ("flagged", flagged_path_for(cfg.out))]
+    if cfg.hdf5 is not None:
+        targets.append(("hdf5", cfg.hdf5))
+    return not any(state.needs_export(name, path) for name, path in targets)
+
+
+def write_heatmap_pngs(scored: Sequence[ScoredRow], folder: str | Path | None) -> None:
+    """Overlay PNGs for the rows of a batch that name one (drawn on the model input)."""
+    if folder is None:
+        return
+    from osteoscan.gradcam import overlay
+
+    for item in scored:
+        if item.row.heatmap and item.heatmap is not None and item.model_input is not None:
+            rgb = overlay(item.model_input, item.heatmap)
+            write_heatmap_png(folder, item.row.image_id, rgb)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from osteoscan.errors import LockHeldError, OutputError
+from osteoscan.rows import utc_now
 
 _held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) of lock files held here → their fd
 _held_guard = threading.Lock()
@@ -108,7 +109,7 @@ class ScanLock:
         payload = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "started_at": _now(),
+            "started_at": utc_now(),
             "argv": [os.path.basename(sys.argv[0])] + sys.argv[1:2],
         }
         try:
@@ -157,12 +158,6 @@ def _held_message(path: Path, info: dict[str, Any]) -> str:
         f"another osteoscan scan ({who}{since}) is using the same state/outputs "
         f"(lock {path}); wait for it to finish or point --out/--state elsewhere"
     )
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class LockSet:

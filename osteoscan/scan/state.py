@@ -10,8 +10,7 @@ equal those of an uninterrupted run.
 
 Identity
     * image identity: ``ImageFrame.image_id`` (SOPInstanceUID [+ ``:frame``] for DICOM, else
-      ``sha256:`` + content hash) - never PHI; stored per row and indexed with the model key so
-      :meth:`ScanState.lookup` can reuse a score for the same image met under another path.
+      ``sha256:`` + content hash) - never PHI; stored per row.
     * model identity: a *run key* (:func:`run_key`) = hash of the package identities
       (``osteoscan.package.package_identity``: version + weights sha256s + preprocessing) plus
       every option that changes a row (threshold, ``--body-part``, covariates file, heatmaps).
@@ -20,13 +19,13 @@ Identity
       *completed* (all of its frames recorded). Anything else - new, changed, interrupted halfway
       through its frames, other model - is planned again; ``force=True`` plans everything.
 
-Schema (``PRAGMA user_version = 1``)::
+Schema (``PRAGMA user_version = 2``; a version-1 file is migrated in place by dropping the unused
+``files.sha256`` column)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)            -- generation counter, export marks,
                                                       -- union of classes, max member count
     files(path TEXT PRIMARY KEY,                      -- path string exactly as found
           size INTEGER, mtime_ns INTEGER,             -- stat taken at plan time, before reading
-          sha256 TEXT NULL,                           -- optional, when the pipeline supplies it
           run_key TEXT, n_frames INTEGER, done_at TEXT)
     rows(path TEXT, frame INTEGER,                    -- PRIMARY KEY (path, frame): no duplicates
          image_id TEXT, run_key TEXT, status TEXT, flagged INTEGER, score REAL,
@@ -56,28 +55,30 @@ import sqlite3
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from osteoscan.errors import OutputError
+from osteoscan.rows import ResultRow, ScoredRow, utc_now
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# SQLite result codes that mean "the disk or its permissions", not a bug: SQLITE_READONLY (8),
+# SQLITE_IOERR (10), SQLITE_FULL (13), SQLITE_CANTOPEN (14), with their extended codes (low byte).
+_OUTPUT_ERRORCODES = frozenset({8, 10, 13, 14})
 T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files(
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT,
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     run_key TEXT NOT NULL, n_frames INTEGER NOT NULL, done_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rows(
     path TEXT NOT NULL, frame INTEGER NOT NULL, image_id TEXT NOT NULL, run_key TEXT NOT NULL,
     status TEXT NOT NULL, flagged INTEGER NOT NULL, score REAL, row_json TEXT NOT NULL,
     member_probs BLOB, member_shape TEXT, heatmap BLOB, heatmap_shape TEXT,
     scanned_at TEXT NOT NULL, gen INTEGER NOT NULL, PRIMARY KEY(path, frame));
-CREATE INDEX IF NOT EXISTS rows_image ON rows(image_id, run_key);
 """
 
 
@@ -102,11 +103,6 @@ def run_key(package_ids: Sequence[str], options: Mapping[str, Any] | None = None
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def utc_now() -> str:
-    """UTC time, ISO 8601 with seconds, as written in ``scanned_at``."""
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 @dataclass(frozen=True)
 class FileSig:
     """What a file looked like when planned: enough to tell "unchanged" without reading it."""
@@ -122,32 +118,6 @@ class FileSig:
         except OSError:
             return None
         return cls(st.st_size, st.st_mtime_ns)
-
-
-@dataclass
-class ResultRow:
-    """One finished row to record: the CSV dict plus the arrays the HDF5 needs.
-
-    ``row`` must hold at least ``path``, ``frame``, ``image_id``, ``status``; ``scanned_at`` is
-    filled with the current time when missing. ``file_frames`` is the number of rows the file
-    produces in total (frames of a multi-frame DICOM; 1 for an error row): the file is marked
-    done, and skipped by later runs, only once all of them are recorded.
-    """
-
-    row: dict[str, Any]
-    file_frames: int = 1
-    member_probs: np.ndarray | None = None
-    heatmap: np.ndarray | None = None
-    file_sha256: str | None = None
-
-
-@dataclass
-class StoredRow:
-    """A row read back from the state, for the writers."""
-
-    row: dict[str, Any]
-    member_probs: np.ndarray | None
-    heatmap: np.ndarray | None
 
 
 @dataclass
@@ -200,7 +170,10 @@ class ScanState:
             # must not leave identifiers of an earlier --include-phi run inside the file.
             conn.execute("PRAGMA secure_delete=ON")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version == 1:  # 0.1: files.sha256 was never filled; drop it
+                conn.execute("DROP INDEX IF EXISTS rows_image")
+                conn.execute("ALTER TABLE files DROP COLUMN sha256")
+            elif version not in (0, SCHEMA_VERSION):
                 raise OutputError(
                     f"state file {path} has schema version {version}, this osteoscan knows "
                     f"{SCHEMA_VERSION}; use another --state file or upgrade osteoscan"
@@ -272,21 +245,16 @@ class ScanState:
         return hits
 
     # -- planning ----------------------------------------------------------------------------
-    def plan(
-        self,
-        found: Iterable[T],
-        run_key: str,
-        force: bool = False,
-        *,
-        path_of: Any = None,
-    ) -> Plan[T]:
+    def plan(self, found: Iterable[T], run_key: str, force: bool = False) -> Plan[T]:
         """Split discovered items into those to (re)scan and those unchanged since last time.
 
         ``found`` items are anything with a ``.path`` (``osteoscan.discover.Found``) or plain
-        paths; ``path_of`` overrides how the path string is taken. Costs one ``stat`` per file
-        and one indexed lookup: nothing is read or decoded.
+        paths. Costs one ``stat`` per file and one indexed lookup: nothing is read or decoded.
         """
-        get_path = path_of or (lambda f: str(getattr(f, "path", f)))
+
+        def get_path(item: T) -> str:
+            return str(getattr(item, "path", item))
+
         known = {
             p: (s, m, k, n)
             for p, s, m, k, n in self._conn.execute(
@@ -316,7 +284,7 @@ class ScanState:
         return plan
 
     # -- recording ---------------------------------------------------------------------------
-    def record(self, results: Sequence[ResultRow], run_key: str) -> int:
+    def record(self, results: Sequence[ScoredRow], run_key: str) -> int:
         """Commit one batch of finished rows in a single transaction; returns the generation.
 
         A file whose ``file_frames`` rows have all been recorded in this run is marked done with
@@ -329,10 +297,9 @@ class ScanState:
             return self._record(results, run_key)
         except sqlite3.OperationalError as exc:
             self._rollback()  # the whole batch or nothing
-            msg = str(exc)
-            if "full" in msg or "disk" in msg or "I/O" in msg or "readonly" in msg:
+            if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in _OUTPUT_ERRORCODES:
                 raise OutputError(
-                    f"cannot write the scan state {self.path}: {msg}; rows committed before "
+                    f"cannot write the scan state {self.path}: {exc}; rows committed before "
                     "this batch are intact - free space or fix permissions and re-run"
                 ) from exc
             raise
@@ -344,60 +311,46 @@ class ScanState:
         with contextlib.suppress(sqlite3.DatabaseError):
             self._conn.execute("ROLLBACK")
 
-    def _record(self, results: Sequence[ResultRow], run_key: str) -> int:
+    def _record(self, results: Sequence[ScoredRow], run_key: str) -> int:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         gen = self.generation + 1
-        done: list[tuple[str, int, str | None]] = []
+        done: list[tuple[str, int]] = []
         # frame bookkeeping and counters change only once the transaction has committed
         seen_now = {p: set(f) for p, f in self._frames_seen.items()}
         statuses: list[tuple[str, bool]] = []
         classes = self.classes
         n_members = self.max_members
         for res in results:
-            row = dict(res.row)
-            row.setdefault("scanned_at", utc_now())
-            path, frame = str(row["path"]), int(row["frame"])
+            row = res.row
+            path, frame = row.path, row.frame
             mp, mp_shape = _encode(res.member_probs, "float32", compress=False)
             hm, hm_shape = _encode(res.heatmap, "float16", compress=True)
-            status = str(row.get("status", ""))
-            flagged = row.get("flagged") in (True, "true", 1, "1")
-            score = row.get("score")
+            flagged = row.is_flagged
             conn.execute(
                 "INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    path,
-                    frame,
-                    str(row.get("image_id", "")),
-                    run_key,
-                    status,
-                    int(flagged),
-                    float(score) if isinstance(score, (int, float)) else None,
-                    json.dumps(row, default=_json_default),
-                    mp,
-                    mp_shape,
-                    hm,
-                    hm_shape,
-                    str(row["scanned_at"]),
-                    gen,
+                    path, frame, row.image_id, run_key, row.status, int(flagged), row.score,
+                    json.dumps(row.as_dict(), default=_json_default), mp, mp_shape, hm,
+                    hm_shape, row.scanned_at, gen,
                 ),
-            )
+            )  # fmt: skip
             seen = seen_now.setdefault(path, set())
             seen.add(frame)
             if len(seen) >= res.file_frames:
-                done.append((path, res.file_frames, res.file_sha256))
-            statuses.append((status, flagged))
-            classes += [k[2:] for k in row if k.startswith("p_") and k[2:] not in classes]
+                done.append((path, res.file_frames))
+            statuses.append((row.status, flagged))
+            classes += [c for c in row.probs if c not in classes]
             if res.member_probs is not None:
                 n_members = max(n_members, int(np.shape(res.member_probs)[0]))
         now = utc_now()
-        for path, n_frames, sha in done:
+        for path, n_frames in done:
             sig = self._planned.get(path) or FileSig.of(path) or FileSig(-1, -1)
             conn.execute("DELETE FROM rows WHERE path=? AND frame>=?", (path, n_frames))
             conn.execute("DELETE FROM meta WHERE key=?", (f"suspect:{path}",))
             conn.execute(
-                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)",
-                (path, sig.size, sig.mtime_ns, sha, run_key, n_frames, now),
+                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+                (path, sig.size, sig.mtime_ns, run_key, n_frames, now),
             )
             seen_now.pop(path, None)
         for key, value in (
@@ -421,34 +374,12 @@ class ScanState:
             self._counts["flagged"] += 1
 
     # -- reading back ------------------------------------------------------------------------
-    def lookup(self, image_id: str, run_key: str) -> dict[str, Any] | None:
-        """The stored row of the same image scored with the same run key, if any.
+    def rows(self) -> Iterator[ResultRow]:
+        """Stored rows in the stable output order: by path, then frame."""
+        for (text,) in self._conn.execute("SELECT row_json FROM rows ORDER BY path, frame"):
+            yield ResultRow.from_dict(json.loads(text))
 
-        Lets a pipeline reuse a score when an already-scored image reappears under another path
-        (copied or moved) without running the model again.
-        """
-        if not image_id:
-            return None
-        row = self._conn.execute(
-            "SELECT row_json FROM rows WHERE image_id=? AND run_key=? AND status='ok' LIMIT 1",
-            (image_id, run_key),
-        ).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def rows(self, *, flagged_only: bool = False) -> Iterator[dict[str, Any]]:
-        """CSV row dicts in the stable output order: by path, then frame.
-
-        ``flagged_only`` gives the flagged rows, highest score first (the flagged CSV order),
-        ties broken by path and frame so the file is reproducible.
-        """
-        if flagged_only:
-            sql = "SELECT row_json FROM rows WHERE flagged=1 ORDER BY score DESC, path, frame"
-        else:
-            sql = "SELECT row_json FROM rows ORDER BY path, frame"
-        for (text,) in self._conn.execute(sql):
-            yield json.loads(text)
-
-    def stored_rows(self, *, status: str | None = None) -> Iterator[StoredRow]:
+    def stored_rows(self, *, status: str | None = None) -> Iterator[ScoredRow]:
         """Rows with their member probabilities and heatmaps (for the HDF5), in output order."""
         sql = "SELECT row_json, member_probs, member_shape, heatmap, heatmap_shape FROM rows"
         args: tuple[Any, ...] = ()
@@ -456,11 +387,22 @@ class ScanState:
             sql += " WHERE status=?"
             args = (status,)
         for text, mp, mps, hm, hms in self._conn.execute(sql + " ORDER BY path, frame", args):
-            yield StoredRow(
-                json.loads(text),
+            yield ScoredRow(
+                ResultRow.from_dict(json.loads(text)),
+                1,
                 _decode(mp, mps, "float32", compressed=False),
                 _decode(hm, hms, "float16", compressed=True),
             )
+
+    def totals(self) -> dict[str, int]:
+        """What the results hold now (all runs): rows, ``ok``/``skipped``/``error``, ``flagged``."""
+        out = {"rows": 0, "ok": 0, "skipped": 0, "error": 0, "flagged": 0}
+        sql = "SELECT status, COUNT(*), SUM(flagged) FROM rows GROUP BY status"
+        for status, n, flagged in self._conn.execute(sql):
+            out[status] = out.get(status, 0) + int(n)
+            out["rows"] += int(n)
+            out["flagged"] += int(flagged or 0)
+        return out
 
     def n_rows(self) -> int:
         """Number of rows stored (all runs)."""

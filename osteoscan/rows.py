@@ -1,0 +1,170 @@
+"""The result row: one owner for its columns, its values, its timestamps and its formatting.
+
+Every stage that makes or reads a row of ``results.csv`` uses :class:`ResultRow`: the load stage's
+status records become rows here (:meth:`ResultRow.from_frame`), the score stage fills the model
+fields, the state stores :meth:`ResultRow.as_dict`, and the writers format each cell with
+:func:`format_value`. Column order (README, "What you get")::
+
+    path, frame, image_id, status, reason, body_part, model, p_<class>..., prediction,
+    score, threshold, flagged, uncertainty, heatmap, scanned_at, covariates
+    [, patient_id, accession_number]
+
+Times are UTC, ISO 8601 to the second with a ``Z`` (``2026-11-30T10:14:25Z``), everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from osteoscan.load import LoadedFrame
+
+COLUMNS_BEFORE_PROBS: tuple[str, ...] = (
+    "path", "frame", "image_id", "status", "reason", "body_part", "model",
+)  # fmt: skip
+COLUMNS_AFTER_PROBS: tuple[str, ...] = (
+    "prediction", "score", "threshold", "flagged", "uncertainty", "heatmap", "scanned_at",
+    "covariates",
+)  # fmt: skip
+# Identifier columns, appended only with --include-phi.
+PHI_COLUMNS: tuple[str, ...] = ("patient_id", "accession_number")
+_FLOAT_COLUMNS = frozenset({"score", "threshold", "uncertainty"})
+
+
+def utc_now() -> str:
+    """Now, as every osteoscan timestamp is written: UTC, ISO 8601, seconds, ``Z``."""
+    return datetime.now(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def union_classes(class_lists: Iterable[Sequence[str]]) -> list[str]:
+    """Classes of several models in first-seen order (the p_<class> columns of a mixed scan)."""
+    out: list[str] = []
+    for classes in class_lists:
+        out.extend(c for c in classes if c not in out)
+    return out
+
+
+def result_columns(classes: Sequence[str], *, phi: bool = False) -> list[str]:
+    """The results.csv header for models with ``classes`` (plus identifiers when ``phi``)."""
+    cols = [*COLUMNS_BEFORE_PROBS, *(f"p_{c}" for c in classes), *COLUMNS_AFTER_PROBS]
+    return [*cols, *PHI_COLUMNS] if phi else cols
+
+
+def format_value(column: str, value: Any) -> str:
+    """One CSV cell: floats with 6 decimals, booleans lower-case, None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if column.startswith("p_") or column in _FLOAT_COLUMNS:
+        v = float(value)
+        return "" if np.isnan(v) else f"{v:.6f}"
+    return str(value)
+
+
+@dataclass
+class ResultRow:
+    """One row of results.csv. Model fields stay ``None`` on rows that were not scored."""
+
+    path: str
+    frame: int
+    image_id: str
+    status: str
+    reason: str
+    body_part: str
+    scanned_at: str
+    model: str = ""
+    probs: dict[str, float] = field(default_factory=dict)  # class → calibrated probability
+    prediction: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    flagged: bool | None = None
+    uncertainty: float | None = None
+    heatmap: str | None = None
+    covariates: str = ""
+    phi: dict[str, str] = field(default_factory=dict)  # only with --include-phi
+
+    @classmethod
+    def from_frame(cls, rec: LoadedFrame, scanned_at: str) -> ResultRow:
+        """The row of a load-stage record, before (or instead of) scoring."""
+        return cls(
+            path=rec.path, frame=rec.frame, image_id=rec.image_id, status=rec.status,
+            reason=rec.reason, body_part=rec.body_part, scanned_at=scanned_at,
+        )  # fmt: skip
+
+    @classmethod
+    def error(cls, path: str, reason: str, scanned_at: str | None = None) -> ResultRow:
+        """An ``error`` row for a whole file (nothing was read from it)."""
+        return cls(path=path, frame=0, image_id="", status="error", reason=reason,
+                   body_part="unknown", scanned_at=scanned_at or utc_now())  # fmt: skip
+
+    @property
+    def is_flagged(self) -> bool:
+        """True only for a scored row at or above its threshold."""
+        return bool(self.flagged)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat mapping keyed by CSV column (``p_<class>`` per class; identifiers when present)."""
+        out: dict[str, Any] = {c: getattr(self, c) for c in COLUMNS_BEFORE_PROBS}
+        out.update({f"p_{c}": float(p) for c, p in self.probs.items()})
+        out.update({c: getattr(self, c) for c in COLUMNS_AFTER_PROBS})
+        out.update(self.phi)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ResultRow:
+        """Inverse of :meth:`as_dict` (rows stored by any osteoscan version)."""
+        flagged = data.get("flagged")
+        if isinstance(flagged, str):  # older states kept CSV spellings
+            flagged = {"true": True, "false": False}.get(flagged)
+
+        def num(key: str) -> float | None:
+            v = data.get(key)
+            return None if v in (None, "") else float(v)
+
+        return cls(
+            path=str(data["path"]), frame=int(data.get("frame") or 0),
+            image_id=str(data.get("image_id") or ""), status=str(data.get("status") or ""),
+            reason=str(data.get("reason") or ""), body_part=str(data.get("body_part") or ""),
+            scanned_at=normalise_timestamp(str(data.get("scanned_at") or "")),
+            model=str(data.get("model") or ""),
+            probs={k[2:]: float(v) for k, v in data.items()
+                   if k.startswith("p_") and v not in (None, "")},
+            prediction=data.get("prediction") or None, score=num("score"),
+            threshold=num("threshold"), flagged=None if flagged is None else bool(flagged),
+            uncertainty=num("uncertainty"), heatmap=data.get("heatmap") or None,
+            covariates=str(data.get("covariates") or ""),
+            phi={k: str(data[k]) for k in PHI_COLUMNS if k in data},
+        )  # fmt: skip
+
+    def csv_cells(self, columns: Sequence[str]) -> list[str]:
+        """This row's cells for ``columns`` (missing columns empty)."""
+        flat = self.as_dict()
+        return [format_value(c, flat.get(c)) for c in columns]
+
+
+def normalise_timestamp(text: str) -> str:
+    """Spell a stored UTC time the one way (``…Z``): states written before 0.2 mixed ``+00:00``."""
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+@dataclass
+class ScoredRow:
+    """A row on its way from the score stage to the state and the writers, with its arrays.
+
+    ``file_frames`` is the number of rows the file produces in total (frames of a multi-frame
+    DICOM; 1 for an error row): the state marks a file done only once all are recorded.
+    ``member_probs`` (M, C) and ``heatmap`` (h, w) go to the HDF5; ``model_input`` (the uint16
+    image the model saw) is only carried to draw the heatmap PNG and is never stored.
+    """
+
+    row: ResultRow
+    file_frames: int = 1
+    member_probs: np.ndarray | None = None
+    heatmap: np.ndarray | None = None
+    model_input: np.ndarray | None = None

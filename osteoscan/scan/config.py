@@ -1,0 +1,117 @@
+"""What one scan is asked to do (:class:`ScanConfig`), what it reports while running
+(:class:`ScanEvent`) and what it did (:class:`ScanSummary`): the types the CLI and the orchestrator
+(:mod:`osteoscan.scan.pipeline`) share."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from osteoscan.errors import UsageError
+from osteoscan.guards import GuardLimits
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # syntax only; availability: select_device
+
+
+@dataclass
+class ScanConfig:
+    """Everything one scan needs (the ``osteoscan scan`` options).
+
+    ``models``: package names or folders (empty → the default package); ``workers=None`` picks
+    from the machine (:func:`osteoscan.runtime.default_workers`); ``threshold`` overrides the
+    packages' screening thresholds; ``heatmaps_for`` picks which scored rows get a PNG;
+    ``state`` is the state file (default next to ``out``); ``include_phi`` adds identifier
+    columns; ``limits`` are the per-file guards; outputs are re-exported at least every
+    ``export_every_s`` seconds during a long run.
+    """
+
+    paths: Sequence[str | Path]
+    out: str | Path
+    hdf5: str | Path | None = None
+    heatmaps_dir: str | Path | None = None
+    heatmaps_for: Literal["flagged", "all"] = "flagged"
+    hdf5_heatmaps: bool = True
+    models: Sequence[str | Path] = ()
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    body_part: str = "auto"
+    covariates: str | Path | None = None
+    covariate_columns: tuple[str, str, str] = ("path", "age", "sex")
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    threshold: float | None = None
+    force: bool = False
+    quiet: bool = False
+    state: str | Path | None = None
+    include_phi: bool = False
+    limits: GuardLimits = field(default_factory=GuardLimits)
+    export_every_s: float = 300.0
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` for option values that cannot work."""
+        if not self.paths:
+            raise UsageError("give at least one PATH to scan")
+        # A missing archive (an unmounted share, a typo in a crontab) must fail loudly, not
+        # "succeed" with zero rows night after night.
+        missing = [str(p) for p in self.paths if not os.path.lexists(p)]
+        if missing:
+            raise UsageError(f"no such file or folder: {', '.join(missing)}")
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError("--workers must be 0 or more")
+        if self.heatmaps_for not in ("flagged", "all"):
+            raise UsageError("--heatmaps-for must be flagged or all")
+        if not _DEVICE.fullmatch((self.device or "auto").strip().lower()):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.body_part not in ("auto", "knee", "spine"):
+            raise UsageError("--body-part must be auto, knee or spine")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise UsageError("--threshold must be between 0 and 1")
+
+
+@dataclass
+class ScanEvent:
+    """Progress report. ``kind``: ``start`` (after discovery), ``batch`` or ``done``."""
+
+    kind: str
+    files_done: int
+    files_total: int
+    counts: dict[str, int]
+    rows: int
+    elapsed_s: float
+    images_per_s: float
+    eta_s: float | None
+    message: str = ""
+
+
+@dataclass
+class ScanSummary:
+    """What a finished scan did and where it wrote.
+
+    ``counts`` are this run's new rows (``ok``/``skipped``/``error``/``flagged``) plus
+    ``unchanged`` files; ``totals`` count what the results hold after the run (all rows).
+    """
+
+    n_files: int
+    n_ignored: int
+    rows: int
+    counts: dict[str, int]
+    elapsed_s: float
+    images_per_s: float
+    out: Path
+    flagged_out: Path
+    hdf5: Path | None
+    heatmaps_dir: Path | None
+    models: list[str]
+    device: str
+    workers: int
+    batch_size: int
+    # outputs rewritten by this run ([] when all were already current)
+    written: list[Path] = field(default_factory=list)
+    totals: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,87 @@
+"""The discover and plan stages: which files exist, and which of them need reading now.
+
+- :func:`discover_files` walks the paths (:func:`osteoscan.discover.discover`, content-sniffed).
+- :func:`run_key_for` derives "what would score a file" from the package manifests alone (no
+  torch, no weights) and the row-changing options: a nightly run over an unchanged archive learns
+  that nothing needs scoring before it pays for loading a model.
+- :func:`record_orphans` turns files that crashed or hung a reader (in-flight logs left by dead
+  processes, :mod:`osteoscan.guards`) into ``error`` rows, so they are not read again forever.
+- :func:`plan_files` asks the state which files are new or changed (one ``stat`` each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from osteoscan.discover import Found, discover
+from osteoscan.guards import orphaned_inflight
+from osteoscan.hashing import file_sha256
+from osteoscan.manifest import Manifest, package_identity
+from osteoscan.rows import ResultRow, ScoredRow
+from osteoscan.scan.config import ScanConfig
+from osteoscan.scan.state import ScanState, run_key
+
+SUSPECT_LIMIT = 2  # runs that died while reading the same file before it is an error row
+
+
+def discover_files(cfg: ScanConfig) -> tuple[list[Found], int]:
+    """Files that become rows (``ignored`` entries dropped) and how many were ignored."""
+    files, ignored = [], 0
+    for f in discover(cfg.paths, cfg.include, cfg.exclude):
+        if f.kind == "ignored":
+            ignored += 1
+        else:
+            files.append(f)
+    return files, ignored
+
+
+def _digest(path: str | Path | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return file_sha256(path)[:16]
+    except OSError:
+        return None
+
+
+def run_key_for(cfg: ScanConfig, manifests: Sequence[Manifest]) -> str:
+    """The run key of ``cfg`` with these packages (see :func:`osteoscan.scan.state.run_key`)."""
+    return run_key(
+        [package_identity(m) for m in manifests],
+        {
+            "threshold": cfg.threshold,
+            # "auto" changed meaning after 0.1.0 (files stating no part take the single served
+            # part instead of being skipped): a new key rescans rows stored under the old one.
+            "body_part": "auto/single-part" if cfg.body_part == "auto" else cfg.body_part,
+            "covariates": _digest(cfg.covariates),
+            "covariate_columns": list(cfg.covariate_columns),
+            "heatmaps": [bool(cfg.heatmaps_dir), cfg.heatmaps_for, bool(cfg.hdf5)],
+            "include_phi": cfg.include_phi,
+        },
+    )
+
+
+def record_orphans(
+    state: ScanState, inflight_dir: Path, key: str, *, reader_died: bool = False
+) -> list[str]:
+    """Record ``error`` rows for files that hung or crashed a reader; returns their paths.
+
+    ``reader_died``: a reader process died during this run, so an untagged in-flight log is a
+    decoder crash. At the start of a run an untagged log may instead be an outside kill of the
+    whole scan, so the file is blamed only when that happens twice in a row.
+    """
+    rows = []
+    for path, reason, certain in orphaned_inflight(inflight_dir):
+        if not (certain or reader_died or state.bump_suspect(path) >= SUSPECT_LIMIT):
+            continue  # first time: read it again in this run
+        rows.append(ScoredRow(ResultRow.error(path, reason)))
+    if rows:
+        state.plan([r.row.path for r in rows], key, force=True)
+        state.record(rows, key)
+    return [r.row.path for r in rows]
+
+
+def plan_files(state: ScanState, files: Sequence[Found], key: str, force: bool) -> list[Found]:
+    """Files to read now: new, changed, interrupted or scored under another key (all if force)."""
+    return state.plan(files, key, force=force).todo
