@@ -9,6 +9,7 @@ package it would run - the no-op fast path of a nightly ``osteoscan scan`` (the 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import os
 import re
@@ -23,6 +24,9 @@ DEFAULT_MODEL = "knee-default"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 ENV_MODELS = "OSTEOSCAN_MODELS"
+# The repository's top-level models/ folder, installed as this package (setup.py maps it), so a
+# wheel carries the default model and a source checkout keeps it where people look for it.
+BUNDLED_MODELS = "osteoscan._models"
 # Same values as osteoscan.preprocess.IMAGENET_MEAN/STD (tested equal); repeated here because
 # preprocess imports torch and cv2.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -179,13 +183,27 @@ def read_manifest(path: str | Path) -> Manifest:
 # --------------------------------------------------------------------------- lookup
 
 
+def bundled_models_dir() -> Path | None:
+    """The folder of the packages that ship with osteoscan (:data:`BUNDLED_MODELS`), or ``None``.
+
+    ``None`` when that package is not importable as plain files, e.g. an editable install made
+    before it existed (re-run ``pip install -e .``).
+    """
+    try:
+        root = importlib.resources.files(BUNDLED_MODELS)
+    except ModuleNotFoundError:
+        return None
+    return root if isinstance(root, Path) else None
+
+
 def search_dirs() -> list[Path]:
     """Where package names are looked up: ``$OSTEOSCAN_MODELS`` (``os.pathsep``-separated),
-    ``./models``, then the ``models/`` folder next to the installed source tree."""
+    ``./models``, then the packages installed with osteoscan (:func:`bundled_models_dir`)."""
     dirs = [Path(p) for p in os.environ.get(ENV_MODELS, "").split(os.pathsep) if p]
-    import osteoscan
-
-    dirs += [Path.cwd() / "models", Path(osteoscan.__file__).resolve().parents[1] / "models"]
+    dirs.append(Path.cwd() / "models")
+    bundled = bundled_models_dir()
+    if bundled is not None:
+        dirs.append(bundled)
     seen, out = set(), []
     for d in dirs:
         key = str(d.resolve()) if d.exists() else str(d)

@@ -39,3 +39,13 @@ def test_imagenet_constants_match_preprocess() -> None:
     assert manifest_mod.IMAGENET_STD == IMAGENET_STD
     spec = manifest_mod.MemberSpec.for_arch("tiny_cnn")  # registry values, lazily imported
     assert spec.input_size > 0 and Path(manifest_mod.MANIFEST).suffix == ".json"
+
+
+def test_the_default_model_is_found_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./models here
+    monkeypatch.delenv(manifest_mod.ENV_MODELS, raising=False)
+    bundled = manifest_mod.bundled_models_dir()
+    assert bundled is not None and bundled in manifest_mod.search_dirs()
+    found = manifest_mod.resolve_package(None)
+    assert found == bundled / manifest_mod.DEFAULT_MODEL
+    assert manifest_mod.read_manifest(found).name == manifest_mod.DEFAULT_MODEL
