@@ -107,6 +107,8 @@ class Manifest:
     osteoscan_version: str = ""
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Fingerprints of the training images (osteoscan.train.fingerprints): evaluate warns on them.
+    training_fingerprints: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
