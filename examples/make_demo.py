@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Generate the demo archive in ``examples/demo/`` (committed; re-run to rebuild it).
 
-Everything here is synthetic: radiograph-like knee phantoms made by :mod:`osteoscan.synthetic`,
-with realistic DICOM headers (age, sex, body part, study description) and *fake* patient names and
-IDs, so the demo also shows that identities never reach osteoscan's outputs. The archive holds:
+Everything here is synthetic: radiograph-like knee phantoms made by
+:mod:`osteoscan.testing.synthetic`, with realistic DICOM headers (age, sex, body part, study
+description) and *fake* patient names and IDs, so the demo also shows that identities never reach
+osteoscan's outputs. The archive holds:
 
 - ``demo/dicom/``: knee DX files, some JPEG 2000 lossless, one MONOCHROME1 (as CR plates store
   them), a knee known only from its StudyDescription, a lumbar-spine DX (skipped unless a spine
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from osteoscan.synthetic import (
+from osteoscan.testing.synthetic import (
     synthetic_chest,
     synthetic_knee,
     write_dicom,

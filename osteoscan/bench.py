@@ -40,7 +40,7 @@ from osteoscan.scan.score import LoadedModel, load_models
 
 def make_synthetic_jpegs(folder: Path, n: int, size: int = 1024, distinct: int = 4) -> list[Path]:
     """Write ``n`` knee JPEGs of ``size`` px (``distinct`` different images, cycled)."""
-    from osteoscan.synthetic import synthetic_knee
+    from osteoscan.testing.synthetic import synthetic_knee
 
     folder.mkdir(parents=True, exist_ok=True)
     encoded = []

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from osteoscan.preprocess import PreprocessConfig, preprocess
-from osteoscan.synthetic import synthetic_knee, write_png
+from osteoscan.testing.synthetic import synthetic_knee, write_png
 from osteoscan.train.cache import ImageCache, preprocess_key
 
 

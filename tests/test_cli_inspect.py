@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from osteoscan import synthetic
 from osteoscan.cli import app, main
 from osteoscan.errors import UsageError
+from osteoscan.testing import synthetic
 
 
 @pytest.fixture

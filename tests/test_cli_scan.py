@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from osteoscan import synthetic
 from osteoscan.cli import app, main
 from osteoscan.rows import result_columns
+from osteoscan.testing import synthetic
 from osteoscan.writers import read_hdf5
 
 runner = CliRunner()

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from osteoscan.cli import app
-from osteoscan.synthetic import synthetic_knee, write_png
+from osteoscan.testing.synthetic import synthetic_knee, write_png
 
 KNEE = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-xray"
 KNEE = Path(os.environ.get("OSTEOSCAN_KNEE_XRAY", KNEE))

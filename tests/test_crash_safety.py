@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from osteoscan.errors import LockHeldError, OutputError
-from osteoscan.synthetic import synthetic_knee, write_dicom, write_png
+from osteoscan.testing.synthetic import synthetic_knee, write_dicom, write_png
 
 N_FILES = 24
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from osteoscan.synthetic import synthetic_knee, write_png
+from osteoscan.testing.synthetic import synthetic_knee, write_png
 from osteoscan.train.data import LabelledSample, load_labelled
 from osteoscan.train.dedup import find_duplicates, fingerprint, fingerprint_files, verify_near
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from osteoscan.covariates import write_covariates_csv
 from osteoscan.errors import UsageError
-from osteoscan.synthetic import synthetic_knee, write_png
+from osteoscan.testing.synthetic import synthetic_knee, write_png
 
 CLASSES = ["normal", "osteopenia", "osteoporosis"]
 DENSITY = {"normal": 1.0, "osteopenia": 0.65, "osteoporosis": 0.3}

@@ -28,7 +28,7 @@ from pydicom.uid import (
 )
 
 from osteoscan.frames import STATUSES, ReadLimits
-from osteoscan.synthetic import synthetic_knee, write_dicom
+from osteoscan.testing.synthetic import synthetic_knee, write_dicom
 
 readers = pytest.importorskip("osteoscan.readers")
 PER_FILE_SECONDS = 10.0

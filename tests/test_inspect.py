@@ -14,12 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 import osteoscan.readers
-from osteoscan import synthetic
 from osteoscan.cli import app
 from osteoscan.errors import OutputError
 from osteoscan.frames import ImageFrame
 from osteoscan.inspect import INSPECT_KEYS, inspect_paths
 from osteoscan.preprocess import PreprocessConfig
+from osteoscan.testing import synthetic
 
 # --- library, with a stand-in reader (fast, independent of the DICOM readers) ----------------
 

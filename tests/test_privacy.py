@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from osteoscan.synthetic import synthetic_knee, write_dicom
+from osteoscan.testing.synthetic import synthetic_knee, write_dicom
 
 NAME = "ZQXWALDORF^PHINEAS"
 PATIENT_ID = "PIDZQ7731904"

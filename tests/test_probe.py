@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from osteoscan.archs import create_model, final_linear, get_arch
-from osteoscan.synthetic import synthetic_knee
+from osteoscan.testing.synthetic import synthetic_knee
 from osteoscan.train.probe import extract_features, fit_linear_probe
 
 

@@ -12,7 +12,7 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from osteoscan.frames import STATUSES, ReadLimits
 from osteoscan.readers import codecs, pixels, read_frames
-from osteoscan.synthetic import (
+from osteoscan.testing.synthetic import (
     encode_stored,
     invert_monochrome,
     synthetic_knee,

@@ -10,7 +10,7 @@ from PIL import Image
 
 from osteoscan.frames import ReadLimits
 from osteoscan.readers import read_frames
-from osteoscan.synthetic import synthetic_knee, write_png
+from osteoscan.testing.synthetic import synthetic_knee, write_png
 
 
 def _knee() -> np.ndarray:

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from osteoscan.cli import app
 from osteoscan.manifest import DEFAULT_MODEL
 from osteoscan.readers import read_frames
-from osteoscan.synthetic import write_dicom
+from osteoscan.testing.synthetic import write_dicom
 
 KNEE = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-xray"
 pytestmark = pytest.mark.skipif(not KNEE.is_dir(), reason="../shared/data/knee-xray not present")

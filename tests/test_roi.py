@@ -9,7 +9,7 @@ import pytest
 
 from osteoscan.preprocess import PreprocessConfig, preprocess
 from osteoscan.roi import crop_knee_joint, detect_knee_joint, knee_pair
-from osteoscan.synthetic import synthetic_chest, synthetic_knee
+from osteoscan.testing.synthetic import synthetic_chest, synthetic_knee
 
 KNEE_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-xray"
 

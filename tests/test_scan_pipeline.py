@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
-from osteoscan import synthetic
 from osteoscan.load import Loader
 from osteoscan.scan.batch import collate_frames
 from osteoscan.scan.config import ScanConfig
@@ -20,6 +19,7 @@ from osteoscan.scan.pipeline import run_scan
 from osteoscan.scan.plan import discover_files
 from osteoscan.scan.routing import Router
 from osteoscan.scan.score import Scorer, load_models
+from osteoscan.testing import synthetic
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -13,7 +13,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from osteoscan.synthetic import (
+from osteoscan.testing.synthetic import (
     encode_stored,
     invert_monochrome,
     synthetic_chest,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from osteoscan.errors import UsageError
-from osteoscan.synthetic import write_png
+from osteoscan.testing.synthetic import write_png
 from osteoscan.train.data import canonical_class, load_labelled
 
 KNEE = Path("/work/shared/data/knee-xray")

@@ -9,7 +9,7 @@ from torch import nn
 
 from osteoscan.archs import create_model, freeze_backbone, unfreeze_top
 from osteoscan.preprocess import PreprocessConfig, preprocess
-from osteoscan.synthetic import synthetic_knee
+from osteoscan.testing.synthetic import synthetic_knee
 from osteoscan.train.loop import Stage, TrainEvent, class_weights, fit_member, predict_logits
 from osteoscan.train.recipe import AugmentConfig, make_config
 

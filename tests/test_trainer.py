@@ -12,7 +12,7 @@ import torch
 
 from osteoscan.ensemble import Ensemble
 from osteoscan.package import Manifest, load_package
-from osteoscan.synthetic import synthetic_knee, write_png
+from osteoscan.testing.synthetic import synthetic_knee, write_png
 from osteoscan.train.recipe import make_config
 from osteoscan.train.trainer import train, train_models
 
