@@ -22,11 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from osteoscan.scan.pipeline import ScanEvent, ScanSummary
-
-
-def _stamp() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+from osteoscan.rows import utc_now
+from osteoscan.scan.config import ScanEvent, ScanSummary
 
 
 def _eta(seconds: float | None) -> str:
@@ -40,6 +37,11 @@ def _counts(c: dict[str, int]) -> str:
     return text + (f" unchanged={c['unchanged']}" if "unchanged" in c else "")
 
 
+def held(s: ScanSummary) -> str:
+    """What the results hold after the run (all runs), e.g. ``70 rows: ok=60 ... flagged=12``."""
+    return f"{s.totals.get('rows', 0)} rows: {_counts(s.totals)}"
+
+
 class LogReporter:
     """Plain timestamped lines for cron logs and ``--quiet``."""
 
@@ -48,7 +50,7 @@ class LogReporter:
         self._last = 0.0
 
     def _line(self, text: str) -> None:
-        self.console.print(f"{_stamp()} osteoscan {self.prefix}: {text}", markup=False,
+        self.console.print(f"{utc_now()} osteoscan {self.prefix}: {text}", markup=False,
                            highlight=False, soft_wrap=True)  # fmt: skip
 
     def __call__(self, ev: ScanEvent) -> None:
@@ -77,6 +79,7 @@ class LogReporter:
         outs += [str(p) for p in (s.hdf5, s.heatmaps_dir) if p is not None]
         verb = "up to date" if s.written == [] else "wrote"
         self._line(f"{verb} {', '.join(outs)} (model {', '.join(s.models)}, device {s.device})")
+        self._line(f"results hold {held(s)}")
 
 
 class RichReporter:
@@ -128,6 +131,7 @@ class RichReporter:
         t.add_row("model", ", ".join(s.models))
         t.add_row("device", f"{s.device}, {s.workers} workers, batch {s.batch_size}")
         t.add_row("results", str(s.out) + (" (up to date)" if s.written == [] else ""))
+        t.add_row("results hold", held(s))
         t.add_row("flagged", str(s.flagged_out))
         if s.hdf5:
             t.add_row("hdf5", str(s.hdf5))

@@ -15,6 +15,7 @@ import dataclasses
 import multiprocessing
 import multiprocessing.context
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -146,7 +147,17 @@ def worker_context() -> multiprocessing.context.BaseContext:
     ``if __name__ == "__main__":`` (workers import the main module). The CLI already does.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["osteoscan.scan.engines.local", "osteoscan.readers"])
+    # The forkserver starts as ``python -c …``, so its sys.path begins with the current folder
+    # and its preload imports happen before the parent's sys.path is applied: run from a folder
+    # that holds an ``osteoscan/`` directory (a clone's parent), the preload imported *that* as a
+    # namespace package and every worker inherited the broken module. PYTHONSAFEPATH (3.11+)
+    # keeps the current folder off the forkserver's path; on 3.10 osteoscan itself is not
+    # preloaded (workers then import it with the parent's sys.path).
+    if sys.version_info >= (3, 11):
+        os.environ.setdefault("PYTHONSAFEPATH", "1")
+        ctx.set_forkserver_preload(["osteoscan.scan.engines.local", "osteoscan.readers"])
+    else:
+        ctx.set_forkserver_preload(["torch", "cv2", "pydicom"])
     return ctx
 
 
