@@ -1,16 +1,17 @@
-"""Read every training image once, preprocess it, keep the small result (memory and disk).
+"""Read every training file once through the load stage, keep the small result (memory and disk).
 
-Training epochs on a CPU should be compute-bound, not decode-bound: each file goes through
-:func:`osteoscan.readers.read_frames` → :func:`osteoscan.preprocess.preprocess` exactly once, and
-the ``uint16`` model input (a few hundred KB) is kept in memory. With ``cache_dir`` the result is
-also stored as ``<file sha256>-<preprocess hash>.npz``, so a second run on the same data with the
-same preprocessing skips decoding entirely; any change to the file bytes or to the preprocessing
-configuration changes the key, so a stale entry can never be used.
+Training reads exactly what ``scan`` reads: each file goes through :mod:`osteoscan.load` (guarded
+read, routing by body part, preprocessing), so a file ``scan`` would skip (a chest DICOM) or refuse
+(a decompression bomb) is skipped or an error here too, and a multi-frame file gives one record per
+frame. The ``uint16`` model input of every usable frame (a few hundred KB) is kept in memory.
+With ``cache_dir`` the result is also stored as ``<file sha256>-<key>.npz``, where the key hashes
+the preprocessing and routing configuration, so a second run on the same data skips decoding
+entirely; a change to the file bytes, the preprocessing or the routing changes the key, so a stale
+entry can never be used.
 
-While the full-resolution image is in hand, its de-duplication :class:`Fingerprint` (pixel hash,
+While the frame as read is in hand, its de-duplication :class:`Fingerprint` (pixel hash,
 perceptual hash, 64×64 thumbnail) is computed too, so duplicate search needs no second read.
-Only the first frame of a multi-frame file is used for training. Patient identifiers are never
-stored; header age and sex are (they are the model's covariates).
+Patient identifiers are never stored; header age and sex are (they are the model's covariates).
 """
 
 from __future__ import annotations
@@ -22,28 +23,32 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from osteoscan.atomic import AtomicFile
 from osteoscan.errors import OutputError
+from osteoscan.frames import Status
 from osteoscan.hashing import file_sha256
-from osteoscan.preprocess import PreprocessConfig, preprocess
+from osteoscan.load import LoadedFrame, single_model_loader
+from osteoscan.preprocess import PreprocessConfig
 from osteoscan.train.dedup import Fingerprint, fingerprint
 
 __all__ = ["CachedImage", "ImageCache", "file_sha256", "preprocess_key"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: one entry per file holding every frame's record
 
 
 @dataclass
 class CachedImage:
-    """One preprocessed training image (``image`` is None when the file could not be used)."""
+    """One frame of a training file after the load stage; ``image`` is None unless usable."""
 
     path: str
-    status: str = "ok"
+    frame: int = 0
+    status: Status = "ok"
     reason: str = ""
-    image: np.ndarray | None = None  # uint16 (size, size)
+    image: np.ndarray | None = None  # uint16 (size, size) model input
     fingerprint: Fingerprint | None = None
     age: float | None = None
     sex: str | None = None
@@ -51,114 +56,120 @@ class CachedImage:
     sha256: str = ""
     from_disk: bool = False
 
+    @property
+    def usable(self) -> bool:
+        """True when this frame can be trained on (the load stage made a model input)."""
+        return self.status == "ok" and self.image is not None
 
-def preprocess_key(cfg: PreprocessConfig) -> str:
-    """Short stable hash of a preprocessing configuration (part of the disk-cache key)."""
-    text = json.dumps({"format": CACHE_FORMAT, **cfg.to_dict()}, sort_keys=True)
+
+def preprocess_key(
+    cfg: PreprocessConfig, body_parts: Sequence[str] = ("knee",), body_part: str | None = None
+) -> str:
+    """Short stable hash of the preprocessing and routing configuration (the disk-cache key)."""
+    routing = {"body_parts": list(body_parts), "body_part": body_part or "auto"}
+    text = json.dumps({"format": CACHE_FORMAT, **cfg.to_dict(), **routing}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class ImageCache:
-    """Memory (and optional disk) cache of preprocessed images keyed by path."""
+def _from_loaded(rec: LoadedFrame, sha: str) -> CachedImage:
+    usable = rec.scorable and rec.image is not None
+    return CachedImage(
+        path=rec.path, frame=rec.frame, status=rec.status, reason=rec.reason,
+        image=rec.pixels if usable else None,
+        fingerprint=fingerprint(rec.image) if usable and rec.image is not None else None,
+        age=rec.age, sex=rec.sex, body_part=rec.body_part, sha256=sha,
+    )  # fmt: skip
 
-    def __init__(self, cfg: PreprocessConfig, cache_dir: str | Path | None = None) -> None:
+
+class ImageCache:
+    """Memory (and optional disk) cache of every file's frame records, keyed by path.
+
+    ``body_parts`` are the parts the model will serve and ``body_part`` the ``--body-part`` value
+    for files that state none (``None``: the single part served), exactly as in a scan.
+    """
+
+    def __init__(
+        self,
+        cfg: PreprocessConfig,
+        cache_dir: str | Path | None = None,
+        *,
+        body_parts: Sequence[str] = ("knee",),
+        body_part: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._mem: dict[str, CachedImage] = {}
-        self._pkey = preprocess_key(cfg)
+        self._mem: dict[str, list[CachedImage]] = {}
+        self._key = preprocess_key(cfg, body_parts, body_part)
+        self._load = single_model_loader(cfg, body_parts, body_part=body_part, keep_image=True)
 
     def _disk_path(self, sha: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        return self.cache_dir / f"{sha[:32]}-{self._pkey}.npz"
+        return self.cache_dir / f"{sha[:32]}-{self._key}.npz"
 
-    def _load_disk(self, path: str, sha: str) -> CachedImage | None:
+    def _load_disk(self, path: str, sha: str) -> list[CachedImage] | None:
         file = self._disk_path(sha)
         if file is None or not file.is_file():
             return None
         try:
             with np.load(file, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                image = z["image"] if meta.get("has_image") else None
-                small = z["small"] if meta.get("pixel_hash") is not None else None
+                metas = json.loads(str(z["meta"]))
+                images, smalls = z["images"], z["smalls"]
         except (OSError, ValueError, KeyError):
-            return None  # a corrupt entry is just a miss; it is rewritten below
-        fp = None
-        if small is not None:
-            fp = Fingerprint(meta["pixel_hash"], int(meta["phash"]), small)
-        return CachedImage(
-            path=path,
-            status=meta["status"],
-            reason=meta["reason"],
-            image=image,
-            fingerprint=fp,
-            age=meta["age"],
-            sex=meta["sex"],
-            body_part=meta["body_part"],
-            sha256=sha,
-            from_disk=True,
-        )
+            return None  # a corrupt or old-format entry is just a miss; it is rewritten
+        out = []
+        for m in metas:
+            slot, pixel_hash, phash = m.pop("slot"), m.pop("pixel_hash"), m.pop("phash")
+            fp = Fingerprint(pixel_hash, int(phash), smalls[slot]) if slot >= 0 else None
+            image = images[slot] if slot >= 0 else None
+            item = CachedImage(path=path, image=image, fingerprint=fp, sha256=sha, **m)
+            item.from_disk = True
+            out.append(item)
+        return out
 
-    def _save_disk(self, item: CachedImage) -> None:
-        file = self._disk_path(item.sha256)
-        if file is None or item.status == "error":
+    def _save_disk(self, sha: str, items: list[CachedImage]) -> None:
+        file = self._disk_path(sha)
+        if file is None or any(it.status == "error" for it in items):
             return  # errors may be transient (missing decoder): never cache them
         file.parent.mkdir(parents=True, exist_ok=True)
-        fp = item.fingerprint
-        meta = {
-            "status": item.status,
-            "reason": item.reason,
-            "age": item.age,
-            "sex": item.sex,
-            "body_part": item.body_part,
-            "has_image": item.image is not None,
-            "pixel_hash": fp.pixel_hash if fp else None,
-            "phash": str(fp.phash) if fp else None,
-        }
-        empty = np.zeros((0,), dtype=np.uint16)
+        metas: list[dict[str, Any]] = []
+        images: list[np.ndarray] = []
+        smalls: list[np.ndarray] = []
+        for it in items:
+            fp = it.fingerprint
+            slot = len(images) if it.image is not None and fp is not None else -1
+            if slot >= 0 and fp is not None and it.image is not None:
+                images.append(it.image)
+                smalls.append(fp.small)
+            metas.append({
+                "frame": it.frame, "status": it.status, "reason": it.reason, "age": it.age,
+                "sex": it.sex, "body_part": it.body_part, "slot": slot,
+                "pixel_hash": fp.pixel_hash if fp else None, "phash": str(fp.phash) if fp else None,
+            })  # fmt: skip
         # Atomic: a killed run never leaves a half-written entry. A cache that cannot be written
         # (disk full) only costs speed, so the error is dropped.
         with contextlib.suppress(OutputError), AtomicFile(file) as f:
             np.savez(
                 f.open("wb"),
-                image=item.image if item.image is not None else empty,
-                small=fp.small if fp else np.zeros((0,), np.float32),
-                meta=np.array(json.dumps(meta)),
+                images=np.stack(images) if images else np.zeros((0, 1, 1), np.uint16),
+                smalls=np.stack(smalls) if smalls else np.zeros((0, 1, 1), np.float32),
+                meta=np.array(json.dumps(metas)),
             )
 
-    def _read(self, path: str) -> CachedImage:
-        from osteoscan.readers import read_frames  # lazy: readers pull in pydicom & codecs
-
+    def _read(self, path: str) -> list[CachedImage]:
         try:
             sha = file_sha256(path)
         except OSError as exc:
-            return CachedImage(path=path, status="error", reason=f"cannot read file: {exc}")
+            return [CachedImage(path=path, status="error", reason=f"cannot read file: {exc}")]
         hit = self._load_disk(path, sha)
         if hit is not None:
             return hit
-        frames = read_frames(path)
-        ok = [f for f in frames if f.status == "ok" and f.image is not None]
-        if not ok:
-            first = frames[0] if frames else None
-            status = first.status if first is not None else "error"
-            reason = first.reason if first is not None else "no image frame"
-            item = CachedImage(path=path, status=status, reason=reason, sha256=sha)
-        else:
-            f = ok[0]
-            item = CachedImage(
-                path=path,
-                image=preprocess(f.image, self.cfg),
-                fingerprint=fingerprint(f.image),
-                age=f.age,
-                sex=f.sex,
-                body_part=f.body_part,
-                sha256=sha,
-            )
-        self._save_disk(item)
-        return item
+        items = [_from_loaded(rec, sha) for rec in self._load(path)]
+        self._save_disk(sha, items)
+        return items
 
-    def get(self, path: str | Path) -> CachedImage:
-        """The cached image for ``path``, reading and preprocessing it on first use."""
+    def get(self, path: str | Path) -> list[CachedImage]:
+        """The frame records of ``path``, reading and preprocessing it on first use."""
         key = str(path)
         if key not in self._mem:
             self._mem[key] = self._read(key)
@@ -169,15 +180,18 @@ class ImageCache:
         paths: Sequence[str | Path],
         workers: int = 2,
         progress: Callable[[int, int], None] | None = None,
-    ) -> list[CachedImage]:
-        """Read all ``paths`` (threads: decoders release the GIL), in order; ``progress(i, n)``."""
+    ) -> list[list[CachedImage]]:
+        """Frame records of all ``paths`` (threads: decoders release the GIL), in order;
+        ``progress(i, n)`` after each file."""
         keys = [str(p) for p in paths]
         todo = [k for k in dict.fromkeys(keys) if k not in self._mem]
         n = len(todo)
         if workers > 1 and n > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                for i, item in enumerate(pool.map(self._read, todo), 1):
-                    self._mem[item.path] = item
+                for i, (key, items) in enumerate(
+                    zip(todo, pool.map(self._read, todo), strict=True), 1
+                ):
+                    self._mem[key] = items
                     if progress:
                         progress(i, n)
         else:

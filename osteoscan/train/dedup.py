@@ -124,15 +124,21 @@ def _to_uint8(img: np.ndarray, max_side: int) -> np.ndarray:
     return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
 
+def pixel_hash(image: np.ndarray) -> str:
+    """sha256 of a float image (H, W) in [0, 1] quantised to 16 bits (the ``pixels`` test)."""
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    # 16-bit quantisation absorbs float rounding (8-bit x/255 vs 16-bit 257x/65535) but keeps
+    # every distinction a 16-bit radiograph can carry.
+    q = np.round(np.clip(img, 0.0, 1.0) * 65535.0).astype("<u2")
+    return hashlib.sha256(f"{q.shape}".encode() + q.tobytes()).hexdigest()
+
+
 def fingerprint(image: np.ndarray) -> Fingerprint:
     """Fingerprint one float image (H, W) in [0, 1] (a reader's output) for duplicate search."""
     img = np.ascontiguousarray(image, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"expected a single-channel (H, W) image, got shape {img.shape}")
-    # 16-bit quantisation absorbs float rounding (8-bit x/255 vs 16-bit 257x/65535) but keeps
-    # every distinction a 16-bit radiograph can carry.
-    q = np.round(np.clip(img, 0.0, 1.0) * 65535.0).astype("<u2")
-    digest = hashlib.sha256(f"{q.shape}".encode() + q.tobytes()).hexdigest()
+    digest = pixel_hash(img)
     ph = int(str(imagehash.phash(Image.fromarray(_to_uint8(img, HASH_SIDE)))), 16)
     small = cv2.resize(img, (VERIFY_SIDE, VERIFY_SIDE), interpolation=cv2.INTER_AREA)
     lo, hi = np.percentile(small, [1.0, 99.0])
@@ -198,35 +204,57 @@ def _count_groups(n: int, pairs: Sequence[tuple[int, int]]) -> int:
     return sum(1 for members in uf.components().values() if len(members) > 1)
 
 
+def _file_keys(
+    samples: Sequence[LabelledSample], file_hashes: Sequence[str | None] | None
+) -> list[str | None]:
+    """sha256 of each sample's file, for the first sample of each file only: the frames of one
+    multi-frame file are one file, not byte-identical duplicates (their group ties them)."""
+    seen: dict[str, str | None] = {}
+    keys: list[str | None] = []
+    for i, s in enumerate(samples):
+        path = str(s.path)
+        if path in seen:
+            keys.append(None)
+            continue
+        if file_hashes is not None:
+            seen[path] = file_hashes[i]
+        else:
+            try:
+                seen[path] = file_sha256(s.path)
+            except OSError:
+                seen[path] = None
+        keys.append(seen[path])
+    return keys
+
+
 def find_duplicates(
     samples: Sequence[LabelledSample],
-    images: Mapping[Any, np.ndarray | Fingerprint | None] | None = None,
+    images: Mapping[Any, np.ndarray | Fingerprint | None]
+    | Sequence[np.ndarray | Fingerprint | None]
+    | None = None,
     *,
     max_hamming: int = 8,
     min_corr: float = 0.98,
     max_mae: float = 0.03,
     check_bytes: bool = True,
+    file_hashes: Sequence[str | None] | None = None,
 ) -> DedupResult:
     """Find byte-identical, pixel-identical and near-duplicate samples; see the module docstring.
 
     ``images`` maps a sample's path (``Path`` or ``str``) to its decoded float image, or to its
-    :class:`Fingerprint`; samples without one (unreadable files) take part in the byte test only.
+    :class:`Fingerprint`, or is a sequence of those aligned with ``samples`` (one per frame of a
+    multi-frame file); samples without one (unreadable files) take part in the byte test only.
+    ``file_hashes`` (aligned with ``samples``) saves hashing the files again.
     """
     n = len(samples)
     fps: list[Fingerprint | None] = []
-    for s in samples:
-        item = _lookup(images, s.path)
+    for i, s in enumerate(samples):
+        item = images[i] if isinstance(images, Sequence) else _lookup(images, s.path)
         fps.append(fingerprint(item) if isinstance(item, np.ndarray) else item)
 
     by_kind: dict[str, list[tuple[int, int]]] = {}
     if check_bytes:
-        shas = []
-        for s in samples:
-            try:
-                shas.append(file_sha256(s.path))
-            except OSError:
-                shas.append(None)
-        by_kind["bytes"] = _exact_pairs(shas)
+        by_kind["bytes"] = _exact_pairs(_file_keys(samples, file_hashes))
     by_kind["pixels"] = _exact_pairs([f.pixel_hash if f is not None else None for f in fps])
     by_kind["near"] = _near_pairs(fps, max_hamming, min_corr, max_mae)
 

@@ -55,7 +55,8 @@ class TrainEvent:
 
     ``kind``: ``phase`` (a step of the pipeline, ``message`` says which), ``read`` (images read,
     ``step``/``n_steps``), ``member_start``, ``epoch_start``, ``batch``, ``epoch_end`` (``metrics``
-    holds train_loss, val_loss, val_auc, lr, seconds), ``member_end``, ``done``.
+    holds train_loss, val_loss, val_auc, lr, seconds), ``member_end``, ``warning`` (a problem
+    in the data a person should fix, ``message`` says which), ``done``.
     """
 
     kind: str

@@ -68,6 +68,9 @@ class TrainConfig:
     # Column names in the covariates CSV: (path/stem column, age column, sex column).
     covariate_columns: tuple[str, str, str] = ("path", "age", "sex")
     use_covariates: bool = True
+    # Unreadable files above this share of all files stop the run (exit 2) unless allowed.
+    max_unreadable: float = 0.05
+    allow_unreadable: bool = False
     # --- split ----------------------------------------------------------------------------
     # folds <= 1: one stratified group-aware train/val/test split; folds >= 2: K-fold CV whose
     # fold models become ensemble members (an inner validation split of each fold's training
