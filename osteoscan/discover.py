@@ -107,21 +107,31 @@ def _is_dicomdir(head: bytes) -> bool:
 
 
 def _looks_preambleless_dicom(head: bytes, size: int) -> bool:
-    """True when the file starts like a DICOM data set written without preamble and ``DICM``."""
+    """True when the file starts like a DICOM data set written without preamble and ``DICM``.
+
+    Little endian (explicit or implicit VR) and explicit VR big endian, which old exports and
+    pydicom's own ``ExplVR_BigEndNoMeta.dcm`` use.
+    """
     if len(head) < 8:
         return False
-    group, _elem = struct.unpack_from("<HH", head, 0)
+    return any(_first_element_fits(head, size, order) for order in ("<", ">"))
+
+
+def _first_element_fits(head: bytes, size: int, order: str) -> bool:
+    group, _elem = struct.unpack_from(f"{order}HH", head, 0)
     if group not in (0x0002, 0x0008):
         return False
     vr = head[4:6]
-    if vr in _VRS:  # explicit VR little endian
+    if vr in _VRS:  # explicit VR
         if vr in _LONG_VRS:
             if len(head) < 12 or head[6:8] != b"\x00\x00":
                 return False
-            (length,) = struct.unpack_from("<I", head, 8)
+            (length,) = struct.unpack_from(f"{order}I", head, 8)
             return length == _UNDEFINED or 12 + length <= size
-        (length,) = struct.unpack_from("<H", head, 6)
+        (length,) = struct.unpack_from(f"{order}H", head, 6)
         return 8 + length <= size
+    if order == ">":
+        return False  # implicit VR is always little endian
     # implicit VR little endian: a 4-byte length that fits in the file (or undefined, for SQ)
     (length,) = struct.unpack_from("<I", head, 4)
     return length == _UNDEFINED or 8 + length <= size

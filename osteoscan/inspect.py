@@ -1,9 +1,15 @@
 """What would the model see, and why: one plain record per image frame found.
 
-:func:`inspect_paths` runs discovery and the readers over the given paths and yields one JSON-able
-dict per image frame (:data:`INSPECT_KEYS`), with the header facts that drive routing and the
-covariates. With ``export_dir`` it also writes each readable frame's preprocessed model input as
-a 16-bit PNG, so a person can look at exactly what ``scan`` would feed the model.
+:func:`inspect_paths` runs discovery and then the scan's own load stage (:mod:`osteoscan.load`:
+guarded read → gate → routing → preprocessing) over the given paths and yields one JSON-able dict
+per image frame (:data:`INSPECT_KEYS`): the status and reason ``scan`` would give it, the gate's
+decision (``gate``, ``gate_reason``: is it a projection radiograph, and why), and the header
+facts that drive routing and the covariates. With ``export_dir`` it also writes each frame's
+preprocessed model input as a 16-bit PNG, so a person can look at what the model would be fed.
+
+Inspection needs no model: its loader routes every frame that passes the gate to one
+preprocessing (:func:`inspect_loader`), whatever its body part, and shows the body part with how
+it was decided, so a person can see which model a scan would route it to.
 
 Patient name, ID and birth date never appear here: only the facts listed in :data:`INSPECT_KEYS`.
 """
@@ -22,8 +28,9 @@ import numpy as np
 from osteoscan.atomic import output_errors, write_bytes
 from osteoscan.discover import IMAGE_KINDS, Found, discover
 from osteoscan.errors import OutputError
-from osteoscan.frames import ImageFrame
-from osteoscan.preprocess import PreprocessConfig, preprocess
+from osteoscan.load import LoadedFrame, Loader
+from osteoscan.preprocess import PreprocessConfig
+from osteoscan.scan.routing import ROUTABLE_PARTS, Router
 
 INSPECT_KEYS: tuple[str, ...] = (
     "path",
@@ -43,23 +50,35 @@ INSPECT_KEYS: tuple[str, ...] = (
     "columns",
     "image_id",
     "export",
+    "gate",
+    "gate_reason",
 )
 _INFO_KEYS = ("modality", "photometric", "transfer_syntax", "bits_stored", "rows", "columns")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _record(frame: ImageFrame, found: Found) -> dict[str, Any]:
-    info = frame.info or {}
+def inspect_loader(cfg: PreprocessConfig | None = None) -> Loader:
+    """The load stage as ``inspect`` runs it: every part (``unknown`` included) is "served".
+
+    The gate and the reader decide ``skipped``/``error`` exactly as in a scan; routing, which
+    depends on the models a scan loads, never skips here — the record's body part and its reason
+    say where a scan would send the frame.
+    """
+    return Loader(Router([[*ROUTABLE_PARTS, "unknown"]], ["inspect"]), [cfg or PreprocessConfig()])
+
+
+def _record(rec: LoadedFrame, found: Found) -> dict[str, Any]:
+    info = rec.info or {}
     row: dict[str, Any] = {
-        "path": frame.path or str(found.path),
-        "frame": int(frame.frame),
-        "status": frame.status,
-        "reason": frame.reason,
-        "kind": frame.kind or found.kind,
-        "body_part": frame.body_part,
-        "body_part_reason": frame.body_part_reason,
-        "age": None if frame.age is None else float(frame.age),
-        "sex": frame.sex,
+        "path": rec.path or str(found.path),
+        "frame": int(rec.frame),
+        "status": rec.status,
+        "reason": rec.reason,
+        "kind": rec.kind or found.kind,
+        "body_part": rec.body_part,
+        "body_part_reason": rec.body_part_reason,
+        "age": None if rec.age is None else float(rec.age),
+        "sex": rec.sex,
     }
     for key in _INFO_KEYS:
         value = info.get(key)
@@ -69,8 +88,10 @@ def _record(frame: ImageFrame, found: Found) -> dict[str, Any]:
         elif value is not None:
             value = str(value)
         row[key] = value
-    row["image_id"] = frame.image_id
+    row["image_id"] = rec.image_id
     row["export"] = None
+    row["gate"] = None if rec.gate is None else rec.gate.value
+    row["gate_reason"] = rec.gate_reason
     return row
 
 
@@ -85,25 +106,9 @@ def _broken_record(found: Found) -> dict[str, Any]:
         body_part="unknown",
         body_part_reason="",
         image_id="",
+        gate_reason="",
     )
     return row
-
-
-def _read(found: Found) -> list[ImageFrame]:
-    # Imported here so that discovery-only users do not pay for pydicom and its plugins.
-    from osteoscan.readers import read_frames
-
-    try:
-        return read_frames(found.path, found.kind)
-    except Exception as exc:  # noqa: BLE001 - the readers promise not to raise; one file never stops a batch
-        return [
-            ImageFrame(
-                path=str(found.path),
-                status="error",
-                reason=f"internal error while reading ({type(exc).__name__}: {exc})",
-                kind=found.kind,
-            )
-        ]
 
 
 class _Exporter:
@@ -144,17 +149,18 @@ def inspect_paths(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     on_ignored: Callable[[Found], None] | None = None,
+    loader: Loader | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield one record (keys :data:`INSPECT_KEYS`) per image frame under ``paths``.
 
     Files that :func:`~osteoscan.discover.sniff` calls ``broken`` give one ``status="error"``
     record with the reason; ``ignored`` entries (not images, DICOMDIR, unreadable folders) give no
-    record and are passed to ``on_ignored`` when given. With ``export_dir``, every ``ok`` frame's
-    :func:`~osteoscan.preprocess.preprocess` output (``cfg``, default config when None) is written
-    there as a 16-bit PNG and its path put in ``export``. Raises
+    record and are passed to ``on_ignored`` when given. Every other file goes through ``loader``
+    (default: :func:`inspect_loader` with ``cfg``). With ``export_dir``, every ``ok`` frame's
+    model input is written there as a 16-bit PNG and its path put in ``export``. Raises
     :class:`~osteoscan.errors.OutputError` only when the export folder cannot be written.
     """
-    cfg = cfg or PreprocessConfig()
+    load = loader or inspect_loader(cfg)
     exporter = _Exporter(Path(export_dir)) if export_dir is not None else None
     for found in discover(paths, include=include, exclude=exclude):
         if found.kind == "broken":
@@ -164,14 +170,8 @@ def inspect_paths(
             if on_ignored is not None:
                 on_ignored(found)
             continue
-        for frame in _read(found):
-            row = _record(frame, found)
-            if exporter is not None and frame.status == "ok" and frame.image is not None:
-                try:
-                    data = preprocess(frame.image, cfg)
-                except Exception as exc:  # noqa: BLE001 - a degenerate image is a row, not a crash
-                    row["status"] = "error"
-                    row["reason"] = f"cannot preprocess ({type(exc).__name__}: {exc})"
-                else:
-                    row["export"] = exporter.write(found, frame.frame, data)
+        for rec in load(found.path, found.kind, found.root):
+            row = _record(rec, found)
+            if exporter is not None and rec.scorable and rec.pixels is not None:
+                row["export"] = exporter.write(found, rec.frame, rec.pixels)
             yield row

@@ -10,7 +10,14 @@ with a reason a person can act on); nothing here raises for a bad file.
 
 Order for each frame::
 
-    read (guarded) → status from the reader → route (body part → package) → preprocess
+    read (guarded) → status from the reader → gate (only projection radiographs) → route
+    (body part → package) → preprocess
+
+The gate (:mod:`osteoscan.gate`) skips CT, MR, ultrasound, colour and other images that are not
+projection radiographs, whatever their body part; its :class:`~osteoscan.gate.GateCode` travels
+on the record (``gate``) so later stages decide on it, never on the reason text. A DICOM whose
+header was read but whose pixels were not (no decoder, truncated) is gated too: a CT slice is
+``skipped`` as a CT slice, not an ``error`` asking for a decoder nobody needs.
 
 The :class:`Loader` is picklable: DataLoader workers (or another engine's workers) call it.
 """
@@ -25,12 +32,13 @@ from typing import Any
 import numpy as np
 
 from osteoscan.frames import ImageFrame, Status
+from osteoscan.gate import GateCode, decide
 from osteoscan.preprocess import PreprocessConfig, preprocess
 from osteoscan.scan.routing import Router
 
 Reader = Callable[..., list[ImageFrame]]
-# Technical header facts carried to the result (never identifiers).
-CARRIED_INFO = ("modality", "transfer_syntax")
+# Technical header facts carried to the result (never identifiers); inspect shows them.
+CARRIED_INFO = ("modality", "transfer_syntax", "photometric", "bits_stored", "rows", "columns")
 
 
 @dataclass
@@ -40,6 +48,8 @@ class LoadedFrame:
     ``pixels`` is the ``uint16`` (S, S) model input, set only when ``package`` is; ``image`` is
     the frame as read (float32 in [0, 1], bone bright), kept only when the loader was asked to
     (training fingerprints duplicates on it; scanning does not ship it between processes).
+    ``gate`` is the gate's code (None when the gate did not look at the frame: a file that
+    could not be read) and ``gate_reason`` its explanation, also for frames it let through.
     """
 
     path: str
@@ -56,6 +66,9 @@ class LoadedFrame:
     pixels: np.ndarray | None = None
     image: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    body_part_reason: str = ""
+    gate: GateCode | None = None
+    gate_reason: str = ""
 
     @property
     def scorable(self) -> bool:
@@ -103,26 +116,46 @@ class Loader:
             path=path, root=root, frame=int(fr.frame), kind=fr.kind or kind, status=fr.status,
             reason=fr.reason, image_id=fr.image_id, body_part=fr.body_part, age=fr.age,
             sex=fr.sex, info={k: fr.info[k] for k in CARRIED_INFO if k in fr.info},
+            body_part_reason=fr.body_part_reason,
         )  # fmt: skip
-        if fr.status != "ok":
+        if not self._gate(rec, fr):
             return rec
-        if fr.image is None:
-            rec.status, rec.reason = "error", "the reader returned no pixels"
-            return rec
+        image = fr.image
+        assert image is not None  # _gate let through only frames with pixels
         route = self.router.route(fr)
         rec.body_part = route.body_part
         if route.package is None:
             rec.status, rec.reason = "skipped", route.reason
             return rec
         try:
-            rec.pixels = preprocess(fr.image, self.preprocess_cfgs[route.package])
+            rec.pixels = preprocess(image, self.preprocess_cfgs[route.package])
         except Exception as exc:  # noqa: BLE001 - an odd image becomes an error row
-            rec.status, rec.reason = "error", f"preprocessing failed: {type(exc).__name__}: {exc}"
+            why = f"{type(exc).__name__}: {exc}"
+            rec.status = "error"
+            rec.reason = (
+                "could not prepare this image for the model (an osteoscan bug on unusual "
+                f"image content; please report it): {why}"
+            )
             return rec
         rec.package = route.package
         if self.keep_image:
             rec.image = fr.image
         return rec
+
+    @staticmethod
+    def _gate(rec: LoadedFrame, fr: ImageFrame) -> bool:
+        """Apply the gate to ``rec``; True when the frame goes on to routing."""
+        header_read = fr.kind == "dicom" and "sop_class_uid" in fr.info
+        if fr.status == "ok" and fr.image is None:
+            rec.status, rec.reason = "error", "the reader returned no pixels"
+            return False
+        if fr.status != "ok" and not (fr.status == "error" and header_read):
+            return False
+        decision = decide(fr)
+        rec.gate, rec.gate_reason = decision.code, decision.reason
+        if not decision.passed:
+            rec.status, rec.reason = "skipped", decision.reason
+        return rec.status == "ok"
 
 
 def _error(path: str, root: str, kind: str, reason: str) -> LoadedFrame:

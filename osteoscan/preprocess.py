@@ -96,7 +96,7 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> np.nda
     cfg = cfg or PreprocessConfig()
     if image.ndim != 2:
         raise ValueError(f"expected a single-channel (H, W) image, got shape {image.shape}")
-    img = np.ascontiguousarray(image, dtype=np.float32)
+    img: np.ndarray = np.ascontiguousarray(image, dtype=np.float32)
     if cfg.roi == "knee_joint":
         # Crop at full resolution, before resizing, so the joint gets all of the model's pixels.
         top, left, bottom, right = detect_knee_joint(img).box
@@ -110,7 +110,7 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> np.nda
     interp = cv2.INTER_AREA if th * tw < h * w else cv2.INTER_LINEAR
     img = cv2.resize(img, (tw, th), interpolation=interp)
     img = _normalize(img, cfg)
-    out16 = np.round(img * U16_MAX).astype(np.uint16)
+    out16: np.ndarray = np.round(img * U16_MAX).astype(np.uint16)
     if cfg.clahe:
         clahe = cv2.createCLAHE(clipLimit=cfg.clahe_clip, tileGridSize=(cfg.clahe_grid,) * 2)
         out16 = clahe.apply(out16)

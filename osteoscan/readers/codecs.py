@@ -18,6 +18,7 @@ __all__ = [
     "syntax_name",
     "decoder_status",
     "decode_failure_reason",
+    "decoder_complaint",
     "is_native",
 ]
 
@@ -87,12 +88,13 @@ def decoder_status(uid: str) -> tuple[bool, str]:
     return False, f"{name} transfer syntax: no decoder installed — {hint}"
 
 
-def decode_failure_reason(uid: str, message: str) -> str:
+def decode_failure_reason(uid: str, message: str, printed: str = "") -> str:
     """An actionable reason for a decoder plugin that is installed but refused the data.
 
     The common case in practice: 12-bit JPEG Extended (Process 4), which neither GDCM's Python
     build nor Pillow decodes; only pylibjpeg-libjpeg does, and it is GPL-licensed, so it is an
-    opt-in install rather than a default dependency.
+    opt-in install rather than a default dependency. ``printed`` is what the decoder printed to
+    stderr meanwhile (:mod:`osteoscan.readers.capture`): usually the real cause.
     """
     name = syntax_name(uid)
     if "12-bit" in message and "JPEG Extended" in message:
@@ -101,5 +103,15 @@ def decode_failure_reason(uid: str, message: str) -> str:
             "pip install 'osteoscan[gpl]' (pylibjpeg-libjpeg, GPL-3.0 licensed, "
             "hence not installed by default)"
         )
+    if printed:
+        return f"cannot decode {name} pixel data (corrupt or truncated?): decoder said: {printed}"
     first = message.strip().splitlines()[-1].strip() if message.strip() else "unknown error"
     return f"cannot decode {name} pixel data: {first[:200]}"
+
+
+def decoder_complaint(uid: str, printed: str) -> str:
+    """The reason for pixel data that decoded, but with the decoder printing a complaint."""
+    return (
+        f"corrupt {syntax_name(uid)} pixel data: the decoder reported: {printed} "
+        "(the image it returned may be partly made up)"
+    )

@@ -22,51 +22,24 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from osteoscan import header
-from osteoscan.frames import ImageFrame, ReadLimits
+from osteoscan.frames import ImageFrame, ReadLimits, Status
 from osteoscan.hashing import content_image_id
 from osteoscan.readers import codecs, pixels
+from osteoscan.readers.capture import decoder_messages
 
 __all__ = ["read_dicom", "non_image_reason"]
 
 # SOP class name fragments (pydicom UID names) and modalities of objects that carry no radiograph.
 _NON_IMAGE_NAMES = (
-    "SR Storage",
-    "Presentation State",
-    "Key Object Selection",
-    "Segmentation",
-    "Encapsulated",
-    "Waveform",
-    "Raw Data",
-    "Registration",
-    "Spatial Fiducials",
-    "Surface",
-    "Real World Value",
-    "Media Storage Directory",
-    "Parametric Map",
-    "Tractography",
-    "Measurement",
+    *("SR Storage", "Presentation State", "Key Object Selection", "Segmentation", "Encapsulated"),
+    *("Waveform", "Raw Data", "Registration", "Spatial Fiducials", "Surface", "Real World Value"),
+    *("Media Storage Directory", "Parametric Map", "Tractography", "Measurement"),
     "Storage Commitment",
 )
-_NON_IMAGE_MODALITIES = {
-    "SR",
-    "PR",
-    "KO",
-    "SEG",
-    "REG",
-    "FID",
-    "RWV",
-    "DOC",
-    "ECG",
-    "HD",
-    "AU",
-    "PLAN",
-    "RTSTRUCT",
-    "RTPLAN",
-    "RTDOSE",
-    "RTRECORD",
-    "RTTREAT",
-    "RTION",
-}
+_NON_IMAGE_MODALITIES = frozenset(
+    ("SR", "PR", "KO", "SEG", "REG", "FID", "RWV", "DOC", "ECG", "HD", "AU", "PLAN")
+    + ("RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTTREAT", "RTION")
+)
 
 
 def _error(path: str, reason: str, **kw: Any) -> list[ImageFrame]:
@@ -193,6 +166,33 @@ def _expected_bytes(
     return (n + 7) // 8 if bits_alloc == 1 else n * (bits_alloc // 8)
 
 
+def _values(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+
+
+def _empty_dataset_reason(ds: Dataset, size: int) -> str:
+    """Why a parse gave no image elements: a fragment, a cut-short DICOM file, or not DICOM."""
+    meta = getattr(ds, "file_meta", None)
+    sop = str(getattr(meta, "MediaStorageSOPClassUID", "") or "") if meta is not None else ""
+    ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    if len(ds) > 0:
+        return (
+            "DICOM file without an image: none of SOPClassUID, Modality, Rows or PixelData is "
+            "present (a fragment, or a damaged file)"
+        )
+    if sop or ts:
+        # The Part 10 header was read, so this is a DICOM file whose data set could not be: in
+        # practice a file cut short inside its (often compressed) pixel data.
+        what = ", ".join(x for x in (UID(sop).name if sop else "", codecs.syntax_name(ts)) if x)
+        return (
+            f"truncated or corrupt DICOM file ({what}): its file header is readable but the data "
+            f"set after it is not ({size} bytes; cut short during transfer?) — resend the file"
+        )
+    return "not a DICOM file: no DICOM data elements found (wrong file type?)"
+
+
 def _file_hash(path: Path) -> str:
     return content_image_id(path)
 
@@ -270,7 +270,7 @@ def _from_dataset(
     ds: Dataset, shown: str, p: Path, size: int, limits: ReadLimits, decode: bool
 ) -> list[ImageFrame]:
     if len(ds) == 0 or not any(k in ds for k in ("SOPClassUID", "PixelData", "Rows", "Modality")):
-        return _error(shown, "not a DICOM file: no DICOM data elements found (wrong file type?)")
+        return _error(shown, _empty_dataset_reason(ds, size))
     ts = _fix_transfer_syntax(ds)
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
     n_frames = max(_int(ds, "NumberOfFrames", 1), 1)
@@ -290,6 +290,12 @@ def _from_dataset(
         "sop_class": UID(sop).name if sop else "",
         "voi": "",
         "file_size": size,
+        # header facts the gate (osteoscan.gate) decides on
+        "sop_class_uid": sop,
+        "image_type": [str(v) for v in _values(ds.get("ImageType"))],
+        "samples_per_pixel": _int(ds, "SamplesPerPixel", 1),
+        "conversion_type": str(ds.get("ConversionType", "") or ""),
+        "presentation_intent": str(ds.get("PresentationIntentType", "") or ""),
     }
     for keyword, key in (
         ("ViewPosition", "view_position"),
@@ -299,26 +305,24 @@ def _from_dataset(
         if ds.get(keyword) and key not in info:
             info[key] = str(ds.get(keyword))
     uid = str(ds.get("SOPInstanceUID", "") or "")
-    common = {
-        "kind": "dicom",
-        "body_part": part,
-        "body_part_reason": part_reason,
-        "body_part_stated": header.states_body_part(ds),
-        "age": header.age_years(ds),
-        "sex": header.sex(ds),
-    }
+    stated, age, sex = header.states_body_part(ds), header.age_years(ds), header.sex(ds)
 
-    def frames(status: str, reason: str = "", count: int = 1) -> list[ImageFrame]:
+    def frames(status: Status, reason: str = "", count: int = 1) -> list[ImageFrame]:
         base = uid or _file_hash(p)
         return [
             ImageFrame(
                 path=shown,
                 frame=i,
                 status=status,
-                reason=reason,  # type: ignore[arg-type]
+                reason=reason,
+                kind="dicom",
                 image_id=base + (f":{i}" if count > 1 else ""),
                 info=dict(info),
-                **common,
+                body_part=part,
+                body_part_reason=part_reason,
+                body_part_stated=stated,
+                age=age,
+                sex=sex,
             )
             for i in range(count)
         ]
@@ -369,14 +373,19 @@ def _decode_frames(
     multi = len(out) > 1
     for i, fr in enumerate(out):
         try:
-            arr = pixel_array(ds, index=i if multi else None)
+            # OpenJPEG, libjpeg & co. print their complaints to fd 2: catch them per file.
+            with decoder_messages() as printed:
+                arr = pixel_array(ds, index=i if multi else None)
             img, voi = _frame_image(ds, np.asarray(arr), i, bits_stored)
         except BaseException as exc:  # noqa: BLE001 - a frame that fails is an error row
             # Rust decoders (pylibjpeg-rle) raise pyo3's PanicException, a BaseException.
             if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
                 raise
             fr.status, fr.image = "error", None
-            fr.reason = codecs.decode_failure_reason(ts, str(exc))
+            fr.reason = codecs.decode_failure_reason(ts, str(exc), printed.summary())
+            continue
+        if printed.summary():
+            fr.status, fr.reason = "error", codecs.decoder_complaint(ts, printed.summary())
             continue
         if img.ndim != 2:
             fr.status, fr.reason = "error", f"unexpected decoded shape {img.shape}"

@@ -27,6 +27,7 @@ import numpy as np
 from osteoscan.frames import ImageFrame, ReadLimits
 from osteoscan.hashing import content_image_id
 from osteoscan.readers import pixels
+from osteoscan.readers.capture import decoder_messages
 
 __all__ = ["read_raster", "file_image_id"]
 
@@ -40,6 +41,13 @@ _ORIENT_OPS = {  # EXIF orientation → numpy operations that display the image 
     8: lambda a: np.rot90(a, k=1),
 }
 _FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "jpeg2000": "JPEG 2000"}
+# The marker a complete file ends with, and how far from the end it may sit (trailing padding).
+_END_MARKERS = {
+    "jpeg": (b"\xff\xd9", 1 << 16, "end-of-image marker"),
+    "png": (b"IEND", 1 << 10, "IEND chunk"),
+    "jpeg2000": (b"\xff\xd9", 1 << 16, "end-of-codestream marker"),
+}
+_CHROMA = 0.1  # a pixel is "coloured" when max - min of its RGB exceeds 10 % of full scale
 
 
 def file_image_id(path: str | Path) -> str:
@@ -82,6 +90,48 @@ def _to_float(arr: np.ndarray, info: dict[str, Any]) -> np.ndarray:
     if hi <= lo:
         return np.zeros(grey.shape, np.float32)
     return np.nan_to_num((grey - lo) / (hi - lo)).astype(np.float32)
+
+
+def colour_fraction(arr: np.ndarray) -> float:
+    """Share of pixels of a decoded BGR(A) page that are coloured (0 for a greyscale page).
+
+    A strided sample is enough: the gate only asks whether a picture is clearly colour.
+    """
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        return 0.0
+    step = max(1, -(-max(arr.shape[:2]) // 512))
+    sample = np.asarray(arr[::step, ::step, :3], dtype=np.float32)
+    top = float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "ui" else 1.0
+    chroma = (sample.max(axis=2) - sample.min(axis=2)) / top
+    return round(float(np.mean(chroma > _CHROMA)), 4)
+
+
+def truncation_reason(path: Path, kind: str, size: int) -> str:
+    """Why the file is cut short ('' when it ends as its format requires).
+
+    Checked before decoding: libjpeg decodes a JPEG cut to 2 % of its size into a grey image
+    with only a warning on stderr, which would make it an ``ok`` row.
+    """
+    marker = _END_MARKERS.get(kind)
+    if marker is None or (kind == "jpeg2000" and not _raw_or_jp2(path)):
+        return ""
+    token, window, what = marker
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - window))
+        tail = fh.read()
+    if token in tail:
+        return ""
+    fmt = _FORMAT_NAMES[kind]
+    return (
+        f"truncated {fmt} file: it ends after {size} bytes without its {what} "
+        "(cut short during transfer or export?)"
+    )
+
+
+def _raw_or_jp2(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    return head.startswith(b"\xff\x4f\xff\x51") or head[4:8] == b"jP  "
 
 
 def _error(
@@ -138,28 +188,47 @@ def read_raster(
     if not decode:
         return _frames(shown, kind, image_id, [None] * pages, info)
     try:
-        if pages > 1:
-            ok, decoded = cv2.imreadmulti(str(p), flags=cv2.IMREAD_UNCHANGED)
-            decoded = list(decoded) if ok else []
-        else:
-            one = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-            decoded = [] if one is None else [one]
+        truncated = truncation_reason(p, kind, size)
+    except OSError as exc:
+        return _error(shown, kind, f"cannot read file: {exc.strerror or exc}", info)
+    if truncated:
+        return _error(shown, kind, truncated, info)
+    try:
+        with decoder_messages() as printed:
+            if pages > 1:
+                ok, decoded = cv2.imreadmulti(str(p), flags=cv2.IMREAD_UNCHANGED)
+                decoded = list(decoded) if ok else []
+            else:
+                one = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+                decoded = [] if one is None else [one]
     except Exception as exc:  # noqa: BLE001 - OpenCV raises cv2.error on some corrupt files
         return _error(shown, kind, f"cannot decode {fmt} file: {str(exc)[:160]}", info)
+    if printed.summary():
+        # A decoder that complains has made up (part of) the image: never score it.
+        return _error(
+            shown, kind, f"corrupt {fmt} file: the decoder reported: {printed.summary()}", info
+        )
     if not decoded:
         return _error(shown, kind, f"cannot decode {fmt} file (corrupt or truncated?)", info)
     info["bits_stored"] = int(decoded[0].dtype.itemsize * 8)
     info["photometric"] = "RGB" if decoded[0].ndim == 3 and decoded[0].shape[2] >= 3 else "GREY"
     images: list[np.ndarray | None] = []
+    colour: list[float] = []
     for arr in decoded:
+        colour.append(colour_fraction(arr))
         img = _to_float(arr, info)
         op = _ORIENT_OPS.get(orientation)
         images.append(np.ascontiguousarray(op(img) if op else img, dtype=np.float32))
-    return _frames(shown, kind, image_id, images, info)
+    return _frames(shown, kind, image_id, images, info, colour)
 
 
 def _frames(
-    shown: str, kind: str, image_id: str, images: list[np.ndarray | None], info: dict[str, Any]
+    shown: str,
+    kind: str,
+    image_id: str,
+    images: list[np.ndarray | None],
+    info: dict[str, Any],
+    colour: list[float] | None = None,
 ) -> list[ImageFrame]:
     multi = len(images) > 1
     return [
@@ -172,7 +241,7 @@ def _frames(
             image_id=image_id + (f":{i}" if multi else ""),
             body_part="unknown",
             body_part_reason=f"{_FORMAT_NAMES.get(kind, kind)} files carry no body part",
-            info=dict(info),
+            info=dict(info, colour_fraction=colour[i]) if colour else dict(info),
         )
         for i, img in enumerate(images)
     ]
