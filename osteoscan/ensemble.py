@@ -341,17 +341,11 @@ class Ensemble:
     def _row_thresholds(self, used: Sequence[str], override: float | None) -> np.ndarray:
         """Threshold per row: an image-only score and a fused score live on different scales.
 
-        The trainer stores ``fusion["thresholds"] = {"image_only": t, "combined": t}``, each chosen
-        for the target sensitivity on its own held-out scores; rows use the one matching how they
-        were scored. A user ``--threshold`` applies to every row.
+        The trainer chooses ``Manifest.threshold`` (fused rows) and ``image_only_threshold`` for
+        the target sensitivity, each on its own held-out scores; rows use the one matching how
+        they were scored (:meth:`Manifest.threshold_for`). A user ``--threshold`` applies to every
+        row.
         """
-        n = len(used)
         if override is not None:
-            return np.full(n, float(override), dtype=np.float32)
-        out = np.full(n, self.threshold, dtype=np.float32)
-        per = (self.fusion or {}).get("thresholds") or {}
-        for i, u in enumerate(used):
-            key = "combined" if u else "image_only"
-            if key in per:
-                out[i] = float(per[key])
-        return out
+            return np.full(len(used), float(override), dtype=np.float32)
+        return np.array([self.manifest.threshold_for(bool(u)) for u in used], dtype=np.float32)

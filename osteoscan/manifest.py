@@ -21,7 +21,9 @@ from typing import Any, Literal
 from osteoscan.errors import ModelIntegrityError, OsteoscanError
 
 DEFAULT_MODEL = "knee-default"
-SCHEMA_VERSION = 1
+# 2: per-variant thresholds are top-level fields (schema 1 kept them in ``fusion``, still read).
+SCHEMA_VERSION = 2
+_LEGACY_THRESHOLDS = "thresholds"  # schema 1's key inside the fusion dict
 MANIFEST = "manifest.json"
 ENV_MODELS = "OSTEOSCAN_MODELS"
 # The repository's top-level models/ folder, installed as this package (setup.py maps it), so a
@@ -94,7 +96,10 @@ class Manifest:
     version: str
     classes: list[str]
     positive_classes: list[str] = field(default_factory=list)
+    # Screening thresholds on the positive-class score (see threshold_for): image-only and fused
+    # scores live on different scales, so a package with covariate fusion has one for each.
     threshold: float = 0.5
+    image_only_threshold: float | None = None
     target_sensitivity: float | None = None
     body_parts: list[str] = field(default_factory=lambda: ["knee"])
     preprocess: dict[str, Any] = field(default_factory=dict)
@@ -111,9 +116,30 @@ class Manifest:
     training_fingerprints: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self) -> None:
+        # Schema 1 kept the per-variant thresholds inside the fusion dict, as
+        # ``fusion["thresholds"] = {"image_only": t, "combined": t}``; they become fields here, the
+        # one place that knows those keys. (The frozen dataclass is still being built.)
+        legacy = (self.fusion or {}).get(_LEGACY_THRESHOLDS)
+        if self.fusion is None or legacy is None:
+            return
+        fusion = {k: v for k, v in self.fusion.items() if k != _LEGACY_THRESHOLDS}
+        object.__setattr__(self, "fusion", fusion)
+        if "combined" in legacy:
+            object.__setattr__(self, "threshold", float(legacy["combined"]))
+        if "image_only" in legacy:
+            object.__setattr__(self, "image_only_threshold", float(legacy["image_only"]))
+
+    def threshold_for(self, fused: bool) -> float:
+        """The threshold for a row scored with covariates (``fused``) or on the image alone."""
+        if not fused and self.image_only_threshold is not None:
+            return float(self.image_only_threshold)
+        return float(self.threshold)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, as written to ``manifest.json``."""
+        """Plain-JSON form, as written to ``manifest.json`` (always the current schema)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["schema_version"] = SCHEMA_VERSION
         d["members"] = [m.to_dict() for m in self.members]
         return json.loads(json.dumps(d))  # deep copy; fails early on non-JSON values
 
@@ -145,8 +171,10 @@ class Manifest:
             problems.append(
                 f"body_parts {self.body_parts} must be a non-empty subset of knee, spine"
             )
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            problems.append(f"threshold {self.threshold} outside [0, 1]")
+        for name in ("threshold", "image_only_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                problems.append(f"{name} {value} outside [0, 1]")
         if not self.members:
             problems.append("no members")
         for m in self.members:
@@ -275,7 +303,7 @@ def package_identity(manifest: Manifest) -> str:
         "threshold": float(manifest.threshold),
         "preprocess": manifest.preprocess,
         "covariates": list(manifest.covariates),
-        "fusion": manifest.fusion,
+        "fusion": _fusion_as_in_schema_1(manifest),
         "members": [
             [m.arch, m.sha256, m.input_size, list(m.mean), list(m.std), float(m.temperature)]
             for m in manifest.members
@@ -283,3 +311,12 @@ def package_identity(manifest: Manifest) -> str:
     }
     blob = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _fusion_as_in_schema_1(manifest: Manifest) -> dict[str, Any] | None:
+    """The fusion dict with the image-only threshold put back where schema 1 kept it, so that a
+    package keeps its identity (and a nightly scan its results) across the schema change."""
+    if manifest.image_only_threshold is None:
+        return manifest.fusion
+    per_variant = {"image_only": manifest.image_only_threshold, "combined": manifest.threshold}
+    return {**(manifest.fusion or {}), _LEGACY_THRESHOLDS: per_variant}

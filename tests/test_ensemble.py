@@ -173,8 +173,7 @@ def test_thresholds_per_row_follow_how_the_row_was_scored() -> None:
     sex = list(rng.choice(["F", "M"], n))
     y = (age > 70).astype(int) * 2
     fusion = fit_fusion(rng.dirichlet([1, 1, 1], n), age, sex, y, CLASSES)
-    fusion["thresholds"] = {"image_only": 0.9, "combined": 0.1}
-    ens = make_ensemble([tiny(0)], fusion=fusion)
+    ens = make_ensemble([tiny(0)], fusion=fusion, threshold=0.1, image_only_threshold=0.9)
     covs = [Covariates(85.0, "F"), None, Covariates(60.0, None)]
     pred = ens.predict(batch(3), covariates=covs)
     np.testing.assert_allclose(pred.thresholds, [0.1, 0.9, 0.1])

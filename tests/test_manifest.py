@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 import osteoscan.manifest as manifest_mod
 import osteoscan.package as package_mod
+from osteoscan.errors import ModelIntegrityError
 
 
 def test_reading_a_package_identity_imports_no_torch(tiny_package) -> None:
@@ -49,3 +54,36 @@ def test_the_default_model_is_found_from_any_folder(tmp_path: Path, monkeypatch)
     found = manifest_mod.resolve_package(None)
     assert found == bundled / manifest_mod.DEFAULT_MODEL
     assert manifest_mod.read_manifest(found).name == manifest_mod.DEFAULT_MODEL
+
+
+def _schema_1(tiny_package) -> dict:
+    """A package manifest as schema 1 wrote it: per-variant thresholds inside ``fusion``."""
+    data = json.loads((tiny_package() / manifest_mod.MANIFEST).read_text())
+    data.update(schema_version=1, threshold=0.4)
+    per_variant = {"image_only": 0.25, "combined": 0.4}
+    data["fusion"] = {"format": "osteoscan-fusion/1", "thresholds": per_variant}
+    return data
+
+
+def test_schema_1_thresholds_become_typed_fields(tiny_package) -> None:
+    old = manifest_mod.Manifest.from_dict(_schema_1(tiny_package))
+    assert old.threshold == 0.4 and old.image_only_threshold == 0.25
+    assert old.fusion == {"format": "osteoscan-fusion/1"}  # the key left the fusion dict
+    assert old.threshold_for(fused=False) == 0.25 and old.threshold_for(fused=True) == 0.4
+    written = old.to_dict()
+    assert written["schema_version"] == manifest_mod.SCHEMA_VERSION == 2
+    assert written["image_only_threshold"] == 0.25 and "thresholds" not in written["fusion"]
+    new = manifest_mod.Manifest.from_dict(written)
+    assert new.to_dict() == written and new.schema_version == 2 and old.schema_version == 1
+    # A package keeps its identity across the schema change: nightly scans do not rescore.
+    assert manifest_mod.package_identity(new) == manifest_mod.package_identity(old)
+    moved = replace(new, image_only_threshold=0.3)
+    assert manifest_mod.package_identity(moved) != manifest_mod.package_identity(new)
+
+
+def test_one_threshold_serves_every_row_without_an_image_only_one(tiny_package) -> None:
+    m = manifest_mod.read_manifest(tiny_package())
+    assert m.image_only_threshold is None
+    assert m.threshold_for(fused=False) == m.threshold_for(fused=True) == m.threshold
+    with pytest.raises(ModelIntegrityError, match="image_only_threshold 1.5 outside"):
+        replace(m, image_only_threshold=1.5).validate()

@@ -15,6 +15,7 @@ from osteoscan.errors import ModelIntegrityError
 from osteoscan.package import (
     DEFAULT_MODEL,
     MANIFEST,
+    SCHEMA_VERSION,
     Manifest,
     MemberSpec,
     ModelNotFoundError,
@@ -89,7 +90,7 @@ def test_save_load_bit_identical(saved) -> None:
             assert torch.equal(original(x), loaded(x))
     m = pkg.manifest
     assert m.members[0].sha256 and m.members[0].weights.startswith("member00-tiny_cnn-")
-    assert m.created_at and m.osteoscan_version and m.schema_version == 1
+    assert m.created_at and m.osteoscan_version and m.schema_version == SCHEMA_VERSION
     assert (path / "report" / "roc.png").read_bytes() == b"\x89PNG fake"
 
 
