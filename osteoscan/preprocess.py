@@ -17,11 +17,8 @@ import cv2
 import numpy as np
 import torch
 
+from osteoscan.constants import IMAGENET_MEAN, IMAGENET_STD, U16_MAX
 from osteoscan.roi import detect_knee_joint, knee_pair
-
-U16_MAX = 65535.0
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

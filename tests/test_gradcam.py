@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from osteoscan.archs import create_model, get_arch
+from osteoscan.constants import IMAGENET_MEAN, IMAGENET_STD
 from osteoscan.ensemble import Ensemble
 from osteoscan.gradcam import (
     capture_activation,
@@ -24,7 +25,7 @@ from osteoscan.gradcam import (
     screening_logodds,
 )
 from osteoscan.package import Manifest, MemberSpec, ModelPackage
-from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from osteoscan.preprocess import to_model_input
 
 SIZE = 64
 

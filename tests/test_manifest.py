@@ -37,13 +37,14 @@ def test_package_re_exports_the_manifest_api() -> None:
         assert getattr(package_mod, name) is getattr(manifest_mod, name), name
 
 
-def test_imagenet_constants_match_preprocess() -> None:
-    from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD
+def test_member_specs_take_size_and_normalisation_from_the_registry() -> None:
+    from osteoscan.archs import get_arch
+    from osteoscan.constants import IMAGENET_MEAN
 
-    assert manifest_mod.IMAGENET_MEAN == IMAGENET_MEAN
-    assert manifest_mod.IMAGENET_STD == IMAGENET_STD
     spec = manifest_mod.MemberSpec.for_arch("tiny_cnn")  # registry values, lazily imported
-    assert spec.input_size > 0 and Path(manifest_mod.MANIFEST).suffix == ".json"
+    arch = get_arch("tiny_cnn")
+    assert (spec.input_size, spec.mean, spec.std) == (arch.default_size, arch.mean, arch.std)
+    assert manifest_mod.MemberSpec("x").mean == IMAGENET_MEAN
 
 
 def test_the_default_model_is_found_from_any_folder(tmp_path: Path, monkeypatch) -> None:

@@ -193,10 +193,6 @@ def _empty_dataset_reason(ds: Dataset, size: int) -> str:
     return "not a DICOM file: no DICOM data elements found (wrong file type?)"
 
 
-def _file_hash(path: Path) -> str:
-    return content_image_id(path)
-
-
 def _frame_image(
     ds: Dataset, arr: np.ndarray, frame: int, bits_stored: int
 ) -> tuple[np.ndarray, str]:
@@ -308,7 +304,7 @@ def _from_dataset(
     stated, age, sex = header.states_body_part(ds), header.age_years(ds), header.sex(ds)
 
     def frames(status: Status, reason: str = "", count: int = 1) -> list[ImageFrame]:
-        base = uid or _file_hash(p)
+        base = uid or content_image_id(p)
         return [
             ImageFrame(
                 path=shown,
