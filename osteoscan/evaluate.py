@@ -1,9 +1,17 @@
 """``osteoscan evaluate``: run a model package on labelled images and report honest metrics.
 
-The images go through exactly the path that scanning uses: :func:`osteoscan.readers.read_frames`
-→ :func:`osteoscan.preprocess.preprocess` (with the package's stored config) →
-:class:`osteoscan.ensemble.Ensemble`. Covariates come from DICOM headers, overridden by a
-covariates CSV where it has a value.
+The images go through exactly the path that scanning uses: the load stage
+(:func:`osteoscan.load.single_model_loader`: guarded read, gate, routing by body part, the
+package's preprocessing, every frame of a multi-frame file) → :class:`osteoscan.ensemble.Ensemble`.
+A file ``scan`` skips or refuses is listed as ``skipped`` or ``error`` and left out of the metrics;
+``frames`` in the report has one row per frame, as the scan's results would. Covariates come from
+DICOM headers, overridden by a covariates CSV where it has a value
+(:class:`~osteoscan.covariates.CovariateTally` says how many images got them from where, and what
+in the CSV could not be used).
+
+When the package records fingerprints of its training images
+(:mod:`osteoscan.train.fingerprints`), images it was trained on are counted and a warning says
+so: metrics on training images are not an estimate of performance on new ones.
 
 Three variants are scored when the package has a covariate-fusion model: ``image_only`` (ensemble
 probabilities), ``covariates_only`` (age/sex alone, on the images that have them) and
@@ -21,29 +29,135 @@ report says so in ``class_mapping``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from osteoscan.covariates import Covariates, CovariateTable
+from osteoscan.covariates import Covariates, CovariateSummary, CovariateTally
 from osteoscan.errors import UsageError
+from osteoscan.hashing import file_sha256
 from osteoscan.metrics import classification_metrics
 from osteoscan.train.data import LabelledSample, load_labelled
+from osteoscan.train.dedup import pixel_hash
+from osteoscan.train.fingerprints import TrainingFingerprints
+
+if TYPE_CHECKING:
+    from osteoscan.load import LoadedFrame, Loader
 
 ProgressFn = Callable[[int, int], None]
+EXAMPLES = 5  # paths quoted in a warning
 
 
-def _read_one(path: Path) -> tuple[np.ndarray | None, Covariates, str]:
-    """First usable frame of a file → (float image | None, header covariates, error reason)."""
-    from osteoscan.readers import read_frames
+@dataclass
+class _Scored:
+    """What scoring the data gave: per-frame rows, the scored frames' labels and probabilities."""
 
-    frames = read_frames(path)
-    for f in frames:
-        if f.status == "ok" and f.image is not None:
-            return f.image, Covariates(age=f.age, sex=f.sex), ""
-    reason = "; ".join(f"{f.status}: {f.reason}" for f in frames) or "no frames"
-    return None, Covariates(), reason
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    covs: list[Covariates] = field(default_factory=list)
+    img_probs: list[np.ndarray] = field(default_factory=list)
+    fused_probs: list[np.ndarray] = field(default_factory=list)
+    fused_with: list[str] = field(default_factory=list)
+    seen: dict[str, list[str]] = field(default_factory=lambda: {"file": [], "pixels": []})
+    data_classes: list[str] = field(default_factory=list)
+
+    def not_scored(self, status: str) -> list[dict[str, Any]]:
+        """Frames with ``status`` (``error`` or ``skipped``): path, frame and reason."""
+        return [
+            {k: f[k] for k in ("path", "frame", "reason")}
+            for f in self.frames
+            if f["status"] == status
+        ]
+
+
+class _Scorer:
+    """Scores loaded frames in batches; checks each against the training fingerprints."""
+
+    def __init__(self, ens: Any, fps: TrainingFingerprints | None, batch_size: int) -> None:
+        self.ens, self.fps, self.batch_size = ens, fps, batch_size
+        self.out = _Scored()
+        self._x: list[np.ndarray] = []
+        self._c: list[Covariates] = []
+        self._sha: dict[str, str] = {}
+
+    def add(self, rec: LoadedFrame, label: str, cov: Covariates) -> None:
+        """One scorable frame: batched, and checked against the training set."""
+        assert rec.pixels is not None
+        self.out.labels.append(label)
+        self.out.covs.append(cov)
+        self._x.append(rec.pixels)
+        self._c.append(cov)
+        if self.fps is not None:
+            if rec.path not in self._sha:
+                self._sha[rec.path] = file_sha256(rec.path)
+            ph = pixel_hash(rec.image) if rec.image is not None else None
+            kind = self.fps.match(self._sha[rec.path], ph)
+            if kind is not None:
+                self.out.seen[kind].append(rec.path)
+        if len(self._x) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score the frames batched so far."""
+        if not self._x:
+            return
+        import torch
+
+        x = torch.from_numpy(np.stack(self._x)[:, None])
+        pred = self.ens.predict(x, covariates=list(self._c))
+        self.out.img_probs.append(pred.member_probs.mean(axis=1))
+        self.out.fused_probs.append(pred.probs)
+        self.out.fused_with.extend(pred.covariates_used)
+        self._x.clear()
+        self._c.clear()
+
+
+def _score(
+    samples: Sequence[LabelledSample], load: Loader, scorer: _Scorer, tally: CovariateTally,
+    root: Path, progress: ProgressFn | None,
+) -> _Scored:  # fmt: skip
+    """Load every file (one record per frame) and score the usable frames."""
+    out = scorer.out
+    for k, s in enumerate(samples):
+        for rec in load(s.path, root=root):
+            row = {"path": rec.path, "frame": rec.frame, "label": s.label, "status": rec.status,
+                   "reason": rec.reason}  # fmt: skip
+            out.frames.append(row)
+            if rec.scorable:
+                cov = tally.resolve(Covariates(age=rec.age, sex=rec.sex), s.path, root)
+                scorer.add(rec, s.label, cov)
+        if progress is not None:
+            progress(k + 1, len(samples))
+    scorer.flush()
+    return out
+
+
+def _overlap(scored: _Scored, fps: TrainingFingerprints | None) -> dict[str, Any]:
+    """The report's ``training_overlap``: scored images that were in the training data."""
+    if fps is None:
+        return {"checked": False, "n_images": 0, "note": "the package records no fingerprints "
+                "of its training images; overlap with them was not checked"}  # fmt: skip
+    paths = scored.seen["file"] + scored.seen["pixels"]
+    return {
+        "checked": True, "n_images": len(paths), "n_scored": len(scored.labels),
+        "same_file": len(scored.seen["file"]), "same_pixels": len(scored.seen["pixels"]),
+        "examples": paths[:EXAMPLES],
+    }  # fmt: skip
+
+
+def _warnings(overlap: dict[str, Any], cov_summary: CovariateSummary) -> list[str]:
+    out = []
+    n = overlap["n_images"]
+    if n:
+        out.append(
+            f"{n} of {overlap['n_scored']} scored images were in the model's training data "
+            f"({overlap['same_file']} identical files, {overlap['same_pixels']} identical "
+            f"pixels; e.g. {', '.join(overlap['examples'])}): metrics on them overstate how "
+            "the model does on new images; evaluate on images it was not trained on"
+        )
+    return out + cov_summary.warnings()
 
 
 def map_classes(
@@ -92,6 +206,38 @@ def _metrics_for(
     )
 
 
+def _variants(
+    man: Any, sc: _Scored, classes: tuple[list[str], list[str], list[str], list[str], str],
+    n_boot: int, seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Metrics of each variant (image only; covariates only and combined when fused)."""
+    model_classes, positive, eval_classes, eval_positive, mode = classes
+    labels = sc.labels
+    p_img = np.concatenate(sc.img_probs).astype(np.float64)
+    p_comb = np.concatenate(sc.fused_probs).astype(np.float64)
+    # Image-only and fused scores live on different scales and have their own thresholds, exactly
+    # as scan applies them (Manifest.threshold_for); packages without an image-only threshold
+    # use the one threshold for both.
+    thr_img, thr_comb = man.threshold_for(fused=False), man.threshold_for(fused=True)
+    args_img = (model_classes, positive, eval_classes, eval_positive, mode, thr_img, n_boot, seed)
+    args = (model_classes, positive, eval_classes, eval_positive, mode, thr_comb, n_boot, seed)
+    variants: dict[str, Any] = {"image_only": _metrics_for(labels, p_img, *args_img)}
+    # With no covariate on any image, "combined" is the image-only result again: not reported as
+    # a second, identical table that suggests age and sex were used.
+    if man.fusion is not None and any(sc.fused_with):
+        from osteoscan.fusion import apply_covariates_only
+
+        p_cov, used = apply_covariates_only(
+            man.fusion, [c.age for c in sc.covs], [c.sex for c in sc.covs]
+        )
+        rows = [i for i, u in enumerate(used) if u]
+        if rows and len({labels[i] for i in rows}) >= 2:
+            sub = [labels[i] for i in rows]
+            variants["covariates_only"] = _metrics_for(sub, p_cov[rows].astype(np.float64), *args)
+        variants["combined"] = _metrics_for(labels, p_comb, *args)
+    return variants
+
+
 def evaluate_model(
     data: str | Path,
     model_ref: str | Path | None,
@@ -103,6 +249,7 @@ def evaluate_model(
     n_boot: int = 1000,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    body_part: str | None = None,
 ) -> dict[str, Any]:
     """Score labelled images (``--data DIR|CSV``) with a model package and compute metrics.
 
@@ -110,137 +257,92 @@ def evaluate_model(
     (``accuracy``, ``sensitivity``, ``specificity``, ``precision``, ``f1``, ``roc_auc``,
     ``confusion_matrix``, ``n``, ``per_class``...) for the scan-time output, plus ``model``,
     ``classes``, ``threshold``, ``class_mapping``, ``variants`` (``image_only`` and, when the model
-    fuses covariates, ``covariates_only`` and ``combined``), ``covariates`` coverage, ``data``
-    counts and ``errors`` (unreadable files, excluded from the metrics).
+    fuses covariates, ``covariates_only`` and ``combined``), ``covariates`` coverage and sources,
+    ``data`` counts, ``frames`` (one row per frame: path, frame, label, status, reason),
+    ``errors`` and ``skipped`` (left out of the metrics), ``training_overlap`` and ``warnings``.
+    ``body_part`` is ``--body-part`` for files that state none (``None``: the part the model
+    serves), as in a scan.
     """
     from osteoscan.ensemble import Ensemble
+    from osteoscan.load import single_model_loader
     from osteoscan.package import load_package
-    from osteoscan.preprocess import PreprocessConfig, preprocess
+    from osteoscan.preprocess import PreprocessConfig
     from osteoscan.runtime import select_device
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     samples, data_classes = load_labelled(data)
-    table = None
-    if covariates_csv is not None:
-        cols = list(covariate_columns)
-        if len(cols) != 3:
-            raise UsageError("--covariate-columns needs three names: path,age,sex")
-        table = CovariateTable.from_csv(covariates_csv, *cols)
+    cols = list(covariate_columns)
+    if len(cols) != 3:
+        raise UsageError("--covariate-columns needs three names: path,age,sex")
+    tally = CovariateTally.from_csv(covariates_csv, cols)
     root = Path(data) if Path(data).is_dir() else Path(data).parent
-
-    dev = select_device(device)
     pkg = load_package(model_ref, device="cpu")
-    ens = Ensemble(pkg, dev)
     man = pkg.manifest
     model_classes, positive = list(man.classes), list(man.positive_classes)
-    eval_classes, eval_positive, mode = map_classes(data_classes, model_classes, positive)
+    mapping = (model_classes, positive, *map_classes(data_classes, model_classes, positive))
+    fps = TrainingFingerprints.from_record(man.training_fingerprints)
     cfg = PreprocessConfig.from_dict(man.preprocess)
+    try:
+        load = single_model_loader(cfg, man.body_parts, body_part=body_part, keep_image=bool(fps))
+    except ValueError as exc:  # an unknown --body-part
+        raise UsageError(str(exc)) from exc
+    scorer = _Scorer(Ensemble(pkg, select_device(device)), fps, batch_size)
+    sc = _score(samples, load, scorer, tally, root, progress)
+    sc.data_classes = data_classes
+    if not sc.labels:
+        raise UsageError(f"--data {data}: none of the {len(samples)} images could be scored")
+    variants = _variants(man, sc, mapping, n_boot, seed)
+    return _report(data, covariates_csv, pkg, mapping, variants, sc, tally, fps, len(samples))
 
-    errors: list[dict[str, str]] = []
-    kept: list[LabelledSample] = []
-    covs: list[Covariates] = []
-    img_probs: list[np.ndarray] = []
-    fused_probs: list[np.ndarray] = []
-    fused_with: list[str] = []
-    batch_x: list[np.ndarray] = []
-    batch_c: list[Covariates] = []
 
-    def flush() -> None:
-        if not batch_x:
-            return
-        import torch
-
-        x = torch.from_numpy(np.stack(batch_x)[:, None])
-        pred = ens.predict(x, covariates=list(batch_c))
-        img_probs.append(pred.member_probs.mean(axis=1))
-        fused_probs.append(pred.probs)
-        fused_with.extend(pred.covariates_used)
-        batch_x.clear()
-        batch_c.clear()
-
-    for k, s in enumerate(samples):
-        image, header_cov, reason = _read_one(s.path)
-        if image is None:
-            errors.append({"path": str(s.path), "reason": reason})
-        else:
-            cov = header_cov.override(table.lookup(s.path, root) if table else None)
-            kept.append(s)
-            covs.append(cov)
-            batch_x.append(preprocess(image, cfg))
-            batch_c.append(cov)
-            if len(batch_x) >= batch_size:
-                flush()
-        if progress is not None:
-            progress(k + 1, len(samples))
-    flush()
-    if not kept:
-        raise UsageError(f"--data {data}: none of the {len(samples)} images could be read")
-
-    labels = [s.label for s in kept]
-    p_img = np.concatenate(img_probs).astype(np.float64)
-    p_comb = np.concatenate(fused_probs).astype(np.float64)
-    # Image-only and fused scores live on different scales and have their own thresholds, exactly
-    # as scan applies them (Ensemble._row_thresholds); packages without per-variant thresholds
-    # use the one threshold for both.
-    per_variant = (man.fusion or {}).get("thresholds") or {}
-    thr_img = float(per_variant.get("image_only", ens.threshold))
-    thr_comb = float(per_variant.get("combined", ens.threshold))
-    args_img = (model_classes, positive, eval_classes, eval_positive, mode, thr_img, n_boot, seed)
-    args = (model_classes, positive, eval_classes, eval_positive, mode, thr_comb, n_boot, seed)
-    variants: dict[str, Any] = {"image_only": _metrics_for(labels, p_img, *args_img)}
-    n_fused = sum(1 for u in fused_with if u)
-    # With no covariate on any image, "combined" is the image-only result again: not reported as
-    # a second, identical table that suggests age and sex were used.
-    if man.fusion is not None and n_fused:
-        from osteoscan.fusion import apply_covariates_only
-
-        ages = [c.age for c in covs]
-        sexes = [c.sex for c in covs]
-        p_cov, used = apply_covariates_only(man.fusion, ages, sexes)
-        rows = [i for i, u in enumerate(used) if u]
-        if rows:
-            sub = [labels[i] for i in rows]
-            if len(set(sub)) >= 2:
-                variants["covariates_only"] = _metrics_for(
-                    sub, p_cov[rows].astype(np.float64), *args
-                )
-        variants["combined"] = _metrics_for(labels, p_comb, *args)
+def _report(
+    data: str | Path, covariates_csv: str | Path | None, pkg: Any,
+    mapping: tuple[list[str], list[str], list[str], list[str], str], variants: dict[str, Any],
+    sc: _Scored, tally: CovariateTally, fps: TrainingFingerprints | None, n_files: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The JSON-able report (see :func:`evaluate_model`)."""
+    man = pkg.manifest
+    model_classes, positive, eval_classes, _, mode = mapping
     primary = "combined" if "combined" in variants else "image_only"
-
-    result: dict[str, Any] = dict(variants[primary])
-    counts = {c: sum(1 for s in kept if s.label == c) for c in data_classes}
+    thr_img, thr_comb = man.threshold_for(fused=False), man.threshold_for(fused=True)
     note = (
-        f"data classes {data_classes} are a subset of the model's {model_classes}: evaluated as "
+        f"data classes {sc.data_classes} are a subset of the model's {model_classes}: evaluated as "
         f"{'+'.join(positive)} vs rest (probabilities [1 - score, score])"
         if mode == "collapsed"
         else "direct"
     )
-    result.update(
-        {
-            "primary": primary,
-            "model": {"name": man.name, "version": man.version, "path": str(pkg.path)},
-            "classes": eval_classes,
-            "model_classes": model_classes,
-            "threshold": thr_comb if primary == "combined" else thr_img,
-            "thresholds": {"image_only": thr_img, "combined": thr_comb},
-            "class_mapping": {"mode": mode, "note": note},
-            "variants": variants,
-            "covariates": {
-                "csv": str(covariates_csv) if covariates_csv else None,
-                "n_with_age": sum(1 for c in covs if c.age is not None),
-                "n_with_sex": sum(1 for c in covs if c.sex is not None),
-                "n_with_any": sum(1 for c in covs if not c.is_empty()),
-                "n_fused": n_fused,
-                "model_uses": list(man.covariates),
-            },
-            "data": {
-                "path": str(data),
-                "n_images": len(samples),
-                "n_scored": len(kept),
-                "counts": counts,
-            },
-            "errors": errors,
-        }
-    )
+    covs, cov_summary = sc.covs, tally.summary()
+    overlap = _overlap(sc, fps)
+    result: dict[str, Any] = dict(variants[primary])
+    result.update({
+        "primary": primary,
+        "model": {"name": man.name, "version": man.version, "path": str(pkg.path)},
+        "classes": eval_classes,
+        "model_classes": model_classes,
+        "threshold": thr_comb if primary == "combined" else thr_img,
+        "thresholds": {"image_only": thr_img, "combined": thr_comb},
+        "class_mapping": {"mode": mode, "note": note},
+        "variants": variants,
+        "covariates": {
+            "csv": str(covariates_csv) if covariates_csv else None,
+            "n_with_age": sum(1 for c in covs if c.age is not None),
+            "n_with_sex": sum(1 for c in covs if c.sex is not None),
+            "n_with_any": sum(1 for c in covs if not c.is_empty()),
+            "n_fused": sum(1 for u in sc.fused_with if u),
+            "model_uses": list(man.covariates),
+            "sources": cov_summary.to_dict(),
+        },
+        "data": {
+            "path": str(data), "n_images": n_files, "n_frames": len(sc.frames),
+            "n_scored": len(sc.labels), "n_errors": len(sc.not_scored("error")),
+            "n_skipped": len(sc.not_scored("skipped")),
+            "counts": {c: sc.labels.count(c) for c in sc.data_classes},
+        },
+        "frames": sc.frames,
+        "errors": sc.not_scored("error"),
+        "skipped": sc.not_scored("skipped"),
+        "training_overlap": overlap,
+        "warnings": _warnings(overlap, cov_summary),
+    })  # fmt: skip
     return result

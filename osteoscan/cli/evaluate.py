@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
@@ -53,6 +54,22 @@ def _confusion(metrics: dict[str, Any], variant: str) -> Table:
     return table
 
 
+def _print_notes(out: Console, report: dict[str, Any]) -> None:
+    """Frames, covariate sources and every warning (training images, covariates CSV)."""
+    d = report["data"]
+    out.print(
+        f"{d['n_frames']} frames: {d['n_scored']} scored, {d['n_skipped']} skipped, "
+        f"{d['n_errors']} unreadable"
+    )
+    sources = report["covariates"]["sources"]
+    out.print(
+        f"age/sex for {sources['n_images']} images: {sources['from_header']} from DICOM headers, "
+        f"{sources['from_csv']} from the covariates CSV, {sources['none']} none"
+    )
+    for text in report["warnings"]:
+        out.print(f"[bold yellow]warning:[/bold yellow] {escape(text)}", soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `evaluate` command to the app."""
 
@@ -87,7 +104,17 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95 % CIs.")
         ] = 1000,
         seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+        body_part: Annotated[
+            str,
+            typer.Option(
+                "--body-part",
+                help="Body part of files that state none: auto (the part the model serves), "
+                "knee or spine; as in scan.",
+            ),
+        ] = "auto",
+        quiet: Annotated[
+            bool, typer.Option("--quiet", "-q", help="No progress bar.", metavar="")
+        ] = False,
     ) -> None:
         """Score labelled images with a model and report metrics with 95 % intervals."""
         from osteoscan.evaluate import evaluate_model
@@ -115,6 +142,7 @@ def register(app: typer.Typer) -> None:
                 batch_size=batch_size,
                 n_boot=n_boot,
                 seed=seed,
+                body_part=body_part,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         stdout = Console(width=max(Console().width, 100), highlight=False)
@@ -123,6 +151,7 @@ def register(app: typer.Typer) -> None:
             f"model {m['name']} {m['version']} · {report['data']['n_scored']} of "
             f"{report['data']['n_images']} images scored · threshold {report['threshold']:.3f}"
         )
+        _print_notes(stdout, report)
         if report["class_mapping"]["mode"] != "direct":
             stdout.print(f"note: {report['class_mapping']['note']}")
         if report["covariates"]["model_uses"] and not report["covariates"]["n_fused"]:
@@ -134,8 +163,11 @@ def register(app: typer.Typer) -> None:
             title = VARIANT_TITLES.get(name, name)
             stdout.print(_table(title, metrics))
         stdout.print(_confusion(report, VARIANT_TITLES.get(report["primary"], report["primary"])))
-        for err in report["errors"][:10]:
-            stdout.print(f"[yellow]unreadable[/yellow] {err['path']}: {err['reason']}")
+        for status, word in (("errors", "unreadable"), ("skipped", "skipped")):
+            for rec in report[status][:10]:
+                frame = f" frame {rec['frame']}" if rec["frame"] else ""
+                text = escape(f"{rec['path']}{frame}: {rec['reason']}")
+                stdout.print(f"[yellow]{word}[/yellow] {text}", soft_wrap=True)
         if out is not None:
             _write_json(out, report)
             stdout.print(f"report written to {out}")

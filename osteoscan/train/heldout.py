@@ -80,12 +80,14 @@ def evaluate_heldout(
     cfg: TrainConfig, classes: list[str], y: np.ndarray, covs: list[Covariates],
     cal: np.ndarray, cal_probs: np.ndarray, ev: np.ndarray, ev_probs: np.ndarray,
     fold_of: np.ndarray | None,
-) -> tuple[Fusion | None, float, dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
+) -> tuple[Fusion | None, float, float | None, dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
     """Fit fusion, choose the threshold and compute held-out metrics.
 
     ``cal``/``cal_probs``: rows (and calibrated image probabilities) to fit on; ``ev``/``ev_probs``:
     rows to report on. K-fold mode passes the OOF rows as both, with ``fold_of`` to cross-fit.
-    Returns (fusion, threshold, metrics, {variant: eval probabilities}).
+    Returns (fusion, threshold, image-only threshold, metrics, {variant: eval probabilities}):
+    with fusion, ``threshold`` is for fused scores and rows scanned without covariates (scored on
+    the image alone) need the image-only one; without fusion that is ``None``.
     """
     r = _Rows(cfg, classes, y, covs)
     fusion = r.fit(cal, cal_probs)
@@ -100,8 +102,6 @@ def evaluate_heldout(
             comb_ev, cov_ev = _cross_fitted(r, ev, ev_probs, fold_of)
             comb_cal, cov_cal = comb_ev, cov_ev
         threshold = r.threshold(cal, comb_cal)
-        # Rows scanned without covariates are scored image-only: they need their own threshold.
-        fusion["thresholds"] = {"image_only": float(img_thr), "combined": float(threshold)}
         metrics["combined"] = r.metrics(ev, comb_ev, threshold)
         out["combined"] = comb_ev
         ok_cal, ok_ev = ~np.isnan(cov_cal).any(1), ~np.isnan(cov_ev).any(1)
@@ -110,4 +110,4 @@ def evaluate_heldout(
             metrics["covariates_only"] = r.metrics(ev[ok_ev], cov_ev[ok_ev], cthr)
             out["covariates_only"] = cov_ev
     metrics["coverage"] = {"rows": int(len(ev)), "with_covariates": int(r.has_cov[ev].sum())}
-    return fusion, float(threshold), metrics, out
+    return fusion, float(threshold), None if fusion is None else float(img_thr), metrics, out

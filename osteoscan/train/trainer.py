@@ -237,7 +237,7 @@ def _evaluate(cfg: TrainConfig, d: _Data, members: Members) -> tuple[Any, ...]:
     cal, cal_probs = (ev, ev_probs) if kfold else members.validation()
     fold_of = members.fold_of if kfold else None
     res = evaluate_heldout(cfg, d.classes, d.y, d.covs, cal, cal_probs, ev, ev_probs, fold_of)
-    res[2]["evaluation"] = _evaluation_text(cfg)
+    res[3]["evaluation"] = _evaluation_text(cfg)
     return ev, ev_probs, *res
 
 
@@ -260,11 +260,12 @@ def train_models(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainR
     timings["fit_s"] = time.perf_counter() - t_fit
 
     emit(TrainEvent("phase", message="calibrating, fitting covariate fusion, evaluating"))
-    ev, ev_probs, fusion, threshold, metrics, eval_probs = _evaluate(cfg, d, members)
+    ev, ev_probs, fusion, threshold, img_threshold, metrics, eval_probs = _evaluate(cfg, d, members)
     timings["total_s"] = time.perf_counter() - t_start
     manifest = Manifest(
         name=cfg.name, version=cfg.version, classes=d.classes,
-        positive_classes=list(cfg.positive), threshold=float(threshold),
+        positive_classes=list(cfg.positive), threshold=threshold,
+        image_only_threshold=img_threshold,
         target_sensitivity=cfg.target_sensitivity, body_parts=list(cfg.body_parts),
         preprocess=d.pcfg.to_dict(), covariates=["age", "sex"] if fusion is not None else [],
         members=members.specs, fusion=fusion, training_data=_training_data(d, split),
