@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from osteoscan.archs import get_arch, get_module
 from osteoscan.fusion import apply_fusion, validate_fusion
-from osteoscan.gradcam import CamForward, cam_from_forward, forward_for_cam, fuse_cams, get_layer
+from osteoscan.gradcam import CamForward, cam_from_forward, forward_for_cam, fuse_cams
 from osteoscan.preprocess import to_model_input
 
 
@@ -158,10 +159,8 @@ class Ensemble:
         if self._cam_modules is None:
             paths = self._cam_paths
             if paths is None:
-                from osteoscan.archs import get_arch  # only needed when heatmaps are asked for
-
                 paths = [get_arch(s.arch).cam_layer for s in self.specs]
-            self._cam_modules = [get_layer(m, p) for m, p in zip(self.models, paths, strict=True)]
+            self._cam_modules = [get_module(m, p) for m, p in zip(self.models, paths, strict=True)]
         return self._cam_modules
 
     def _to_device(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -215,8 +214,6 @@ class Ensemble:
         with torch.inference_mode(), self._autocast():
             logits = [m(xin).float() for m, xin in zip(self.models, inputs, strict=True)]
         return torch.stack(logits)
-
-    predict_members_logits = predict_member_logits  # name used in the team plan
 
     def _forward(
         self, x: torch.Tensor, grad_rows: np.ndarray

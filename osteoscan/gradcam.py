@@ -43,22 +43,13 @@ from torch import nn
 from osteoscan.constants import U16_MAX
 
 
-def get_layer(model: nn.Module, path: str) -> nn.Module:
-    """Module at dotted ``path`` (e.g. ``"features.28"``, ``"conv_head"``) of ``model``."""
-    try:
-        from osteoscan.archs import get_module  # the registry's resolver, when available
-    except ImportError:  # pragma: no cover - archs is always there in a full install
-        return model.get_submodule(path)
-    return get_module(model, path)
-
-
 @contextlib.contextmanager
 def capture_activation(
     layer: nn.Module, *, grad_from_here: bool = False
 ) -> Iterator[list[torch.Tensor]]:
     """Record ``layer``'s output during the ``with`` block; the hook is always removed on exit.
 
-    With ``grad_from_here=True`` (used by :func:`member_gradcam` inside ``torch.no_grad()``) the
+    With ``grad_from_here=True`` (used by :func:`forward_for_cam` inside ``torch.no_grad()``) the
     recorded output is a fresh leaf that requires grad and autograd is switched on from this
     layer onwards, so only the head after the Grad-CAM layer is recorded: the backbone runs at
     inference cost and keeps no activations for backward. The layer's successor receives a clone
@@ -175,25 +166,6 @@ def cam_from_forward(
     return cam[:, 0]
 
 
-def member_gradcam(
-    model: nn.Module,
-    layer: nn.Module,
-    x: torch.Tensor,
-    positive_idx: Sequence[int],
-    temperature: float = 1.0,
-    out_size: tuple[int, int] | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One member, one batch: ``(logits (B, C) float32 detached, raw_cam (B, H, W))``.
-
-    ``out_size`` defaults to ``x``'s spatial size. See :func:`forward_for_cam` and
-    :func:`cam_from_forward`.
-    """
-    fw = forward_for_cam(model, layer, x, autocast)
-    cam = cam_from_forward(fw, positive_idx, temperature, out_size or tuple(x.shape[-2:]))
-    return fw.logits.detach().float(), cam
-
-
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Min-max normalise each (H, W) map of a (B, H, W) batch to [0, 1].
 
@@ -212,28 +184,6 @@ def fuse_cams(raw_maps: Sequence[torch.Tensor]) -> torch.Tensor:
     if not raw_maps:
         raise ValueError("no Grad-CAM maps to fuse")
     return normalize_maps(torch.stack(list(raw_maps)).mean(dim=0))
-
-
-def ensemble_gradcam(
-    models: Sequence[nn.Module],
-    layer_paths: Sequence[str],
-    inputs: Sequence[torch.Tensor],
-    positive_idx: Sequence[int],
-    temperatures: Sequence[float] | None = None,
-    out_size: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad-CAM of an ensemble on one batch: ``(logits (M, B, C), heatmaps (B, H, W) in [0, 1])``.
-
-    ``inputs[m]`` is member ``m``'s model input (members may normalise differently). Standalone
-    helper; :class:`osteoscan.ensemble.Ensemble` does the same inside its prediction pass.
-    """
-    temps = list(temperatures) if temperatures is not None else [1.0] * len(models)
-    logits, raws = [], []
-    for model, path, x, t in zip(models, layer_paths, inputs, temps, strict=True):
-        lg, raw = member_gradcam(model, get_layer(model, path), x, positive_idx, t, out_size)
-        logits.append(lg)
-        raws.append(raw)
-    return torch.stack(logits), fuse_cams(raws)
 
 
 def overlay(

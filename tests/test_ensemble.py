@@ -106,7 +106,6 @@ def test_member_logits_are_raw() -> None:
     pred = ens.predict(x)
     calibrated = torch.softmax(logits / torch.tensor([2.0, 3.0]).view(2, 1, 1), -1)
     np.testing.assert_allclose(pred.member_probs, calibrated.permute(1, 0, 2).numpy(), atol=1e-6)
-    assert ens.predict_members_logits is not None  # plan's spelling is an alias
 
 
 def test_score_flag_threshold_and_prediction() -> None:

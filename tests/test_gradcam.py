@@ -13,19 +13,17 @@ import torch
 from torch import nn
 
 from osteoscan.archs import create_model, get_arch
-from osteoscan.constants import IMAGENET_MEAN, IMAGENET_STD
 from osteoscan.ensemble import Ensemble
 from osteoscan.gradcam import (
+    cam_from_forward,
     capture_activation,
-    ensemble_gradcam,
+    forward_for_cam,
     fuse_cams,
-    member_gradcam,
     normalize_maps,
     overlay,
     screening_logodds,
 )
 from osteoscan.package import Manifest, MemberSpec, ModelPackage
-from osteoscan.preprocess import to_model_input
 
 SIZE = 64
 
@@ -119,17 +117,6 @@ def test_contract_shape_range_and_rows() -> None:
         assert h.max() == pytest.approx(1.0) or h.max() == 0.0
 
 
-def test_standalone_matches_ensemble() -> None:
-    models = [_tiny(0), _tiny(1)]
-    x, _ = _square_images(3)
-    pred = _ensemble(models).predict(x, heatmaps=[True] * 3)
-    xin = to_model_input(x, IMAGENET_MEAN, IMAGENET_STD)
-    path = get_arch("tiny_cnn").cam_layer
-    logits, maps = ensemble_gradcam(models, [path, path], [xin, xin], positive_idx=[1])
-    assert logits.shape == (2, 3, 2) and maps.shape == (3, SIZE, SIZE)
-    np.testing.assert_allclose(maps.numpy(), np.stack(pred.heatmaps), atol=1e-5)
-
-
 def test_members_fused_before_normalising() -> None:
     strong = torch.zeros(1, 4, 4)
     strong[0, 0, 0] = 10.0
@@ -164,15 +151,24 @@ def test_screening_logodds() -> None:
     )
 
 
+def _gradcam(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One member's (detached logits, raw Grad-CAM at input size) for positive class 1."""
+    fw = forward_for_cam(model, layer, x)
+    cam = cam_from_forward(fw, [1], out_size=(int(x.shape[-2]), int(x.shape[-1])))
+    return fw.logits.detach().float(), cam
+
+
 def test_refuses_inference_mode_and_frozen_params_still_work() -> None:
     model = _tiny(0)
     layer = model.get_submodule(get_arch("tiny_cnn").cam_layer)
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
-        member_gradcam(model, layer, x, [1])
+        _gradcam(model, layer, x)
     for p in model.parameters():
         p.requires_grad_(False)  # as during stage-one fine-tuning
-    logits, cam = member_gradcam(model, layer, x, [1])
+    logits, cam = _gradcam(model, layer, x)
     assert logits.shape == (2, 2) and cam.shape == (2, SIZE, SIZE)
     assert all(p.grad is None for p in model.parameters())
 
@@ -274,7 +270,7 @@ def test_inplace_successor_and_grad_mode_restored(grad_mode: bool) -> None:
     model = _InplaceAfterCam().eval()
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.set_grad_enabled(grad_mode):
-        logits, cam = member_gradcam(model, model.conv, x, [1])
+        logits, cam = _gradcam(model, model.conv, x)
         assert torch.is_grad_enabled() is grad_mode
     with torch.no_grad():
         np.testing.assert_allclose(logits, model(x), atol=1e-6)

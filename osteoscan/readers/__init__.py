@@ -14,43 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from osteoscan.discover import sniff
 from osteoscan.frames import ImageFrame, ReadLimits
 
 __all__ = ["read_frames", "RASTER_KINDS"]
 
 RASTER_KINDS: tuple[str, ...] = ("png", "jpeg", "tiff", "jpeg2000")
-
-
-def _sniff(path: Path) -> tuple[str, str]:
-    try:
-        from osteoscan.discover import sniff
-    except ImportError:  # pragma: no cover - discover ships with the package
-        return _minimal_sniff(path)
-    return sniff(path)
-
-
-def _minimal_sniff(path: Path) -> tuple[str, str]:
-    """Fallback content sniffing (the full one lives in :mod:`osteoscan.discover`)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError as exc:
-        return "broken", f"cannot open file: {exc.strerror or exc}"
-    if not head:
-        return "broken", "empty file (0 bytes)"
-    if head[128:132] == b"DICM":
-        return "dicom", ""
-    for sig, kind in (
-        (b"\x89PNG", "png"),
-        (b"\xff\xd8\xff", "jpeg"),
-        (b"II*\x00", "tiff"),
-        (b"MM\x00*", "tiff"),
-    ):
-        if head.startswith(sig):
-            return kind, ""
-    if head[:2] in (b"\x08\x00", b"\x02\x00"):
-        return "dicom", "preamble-less"
-    return "broken", "not a DICOM, PNG, JPEG or TIFF file"
 
 
 def read_frames(
@@ -72,7 +41,7 @@ def read_frames(
     try:
         reason = ""
         if kind is None:
-            kind, reason = _sniff(p)
+            kind, reason = sniff(p)
         if kind == "dicom":
             from osteoscan.readers.dicom import read_dicom
 
