@@ -1,6 +1,6 @@
 """Model packages: a folder of ``manifest.json``, ``.safetensors`` members, card and report.
 
-Layout (DESIGN.md "Model package")::
+Layout::
 
     models/<name>/
         manifest.json                          # Manifest.to_dict(), written last, atomically
