@@ -14,9 +14,12 @@ Times are UTC, ISO 8601 to the second with a ``Z`` (``2026-11-30T10:14:25Z``), e
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -146,6 +149,31 @@ class ResultRow:
         """This row's cells for ``columns`` (missing columns empty)."""
         flat = self.as_dict()
         return [format_value(c, flat.get(c)) for c in columns]
+
+
+# Suffixes kept on a pseudonym (they say what kind of file it was, nothing about a person).
+_KNOWN_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".j2k",
+                             ".jp2"})  # fmt: skip
+
+
+def pseudonym(path: str, secret: str) -> str:
+    """A stable stand-in for ``path`` (keyed hash): the same path gives the same name every
+    night, and without the secret (kept only in the state) it cannot be traced back."""
+    digest = hmac.new(secret.encode(), path.encode("utf-8", "surrogateescape"), hashlib.sha256)
+    suffix = PurePath(path).suffix.lower()
+    return f"redacted/{digest.hexdigest()[:20]}{suffix if suffix in _KNOWN_SUFFIXES else ''}"
+
+
+def redact_row(row: ResultRow, secret: str | None) -> ResultRow:
+    """``row`` with its path as a pseudonym and the path's parts scrubbed from its reason."""
+    if not secret:
+        return row
+    alias = pseudonym(row.path, secret)
+    reason = row.reason.replace(row.path, alias)
+    for part in PurePath(row.path).parts:
+        if len(part) >= 3 and part != "/":  # folder and file names may hold a patient's name
+            reason = reason.replace(part, "[redacted]")
+    return replace(row, path=alias, reason=reason)
 
 
 def normalise_timestamp(text: str) -> str:

@@ -19,8 +19,9 @@ def event(kind: str, done: int) -> ScanEvent:
 
 
 def summary() -> ScanSummary:
+    totals = {"rows": 502, "ok": 500, "skipped": 1, "error": 1, "flagged": 61}
     return ScanSummary(10, 1, 8, dict(COUNTS), 2.0, 4.0, Path("r.csv"), Path("r.flagged.csv"),
-                       None, None, ["m 1"], "cpu", 1, 32)  # fmt: skip
+                       None, None, ["m 1"], "cpu", 1, 32, [], totals)  # fmt: skip
 
 
 def test_quiet_or_pipe_gives_log_lines() -> None:
@@ -33,9 +34,11 @@ def test_quiet_or_pipe_gives_log_lines() -> None:
         rep(ev)
     rep.summary(summary())
     lines = buf.getvalue().splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5
     assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ osteoscan scan: ", ln) for ln in lines)
     assert "ok=5 skipped=1 error=2 flagged=3" in lines[1] and "ETA" in lines[1]
+    # a rescan's summary counts what the results hold, not only this run's new rows
+    assert lines[4].endswith("results hold 502 rows: ok=500 skipped=1 error=1 flagged=61")
 
 
 def test_terminal_gets_rich_display_and_summary_table() -> None:

@@ -159,3 +159,76 @@ def test_scan_works_from_a_folder_holding_an_osteoscan_directory(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["status"] for r in _rows(out)] == ["ok"] * 6
+
+
+def test_adding_hdf5_then_heatmaps_computes_only_heatmaps(
+    pngs: Path, tiny_package: Callable[..., Path], tmp_path: Path
+) -> None:
+    from osteoscan.writers import read_hdf5
+
+    def cfg(**options: Path) -> ScanConfig:
+        return ScanConfig(paths=[pngs], out=tmp_path / "r.csv", models=[str(tiny_package())],
+                          device="cpu", workers=0, threshold=0.0, **options)  # type: ignore[arg-type]
+
+    run_scan(cfg())
+    before = {r["path"]: r for r in _rows(tmp_path / "r.csv")}
+    s = run_scan(cfg(hdf5=tmp_path / "r.h5"))
+    assert s.counts["ok"] == 0 and s.counts["unchanged"] == 6  # nothing rescored
+    h5 = read_hdf5(tmp_path / "r.h5")
+    assert len(h5["path"]) == 6 and all(h5["has_heatmap"])
+    s = run_scan(cfg(hdf5=tmp_path / "r.h5", heatmaps_dir=tmp_path / "hm"))
+    assert s.counts["ok"] == 0
+    after = {r["path"]: r for r in _rows(tmp_path / "r.csv")}
+    assert len(list((tmp_path / "hm").glob("*.png"))) == 6
+    for path, row in after.items():
+        assert row["heatmap"] and Path(row["heatmap"]).exists()
+        assert {k: v for k, v in row.items() if k != "heatmap"} == {
+            k: v for k, v in before[path].items() if k != "heatmap"
+        }  # same scores, same scanned_at
+    s = run_scan(cfg(hdf5=tmp_path / "r.h5", heatmaps_dir=tmp_path / "hm"))
+    assert s.written == [] and s.device == "none"  # nothing to do, no model loaded
+
+
+def test_an_unwritable_output_fails_before_the_first_image(
+    pngs: Path, tiny_package: Callable[..., Path], tmp_path: Path
+) -> None:
+    from osteoscan.errors import OutputError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    cfg = ScanConfig(paths=[pngs], out=tmp_path / "r.csv", models=[str(tiny_package())],
+                     device="cpu", workers=0, hdf5=blocker / "r.h5")  # fmt: skip
+    with pytest.raises(OutputError, match="not-a-folder"):
+        run_scan(cfg)
+    assert not (tmp_path / "r.state.sqlite").exists() or _n_rows(tmp_path / "r.state.sqlite") == 0
+
+
+def _n_rows(db: Path) -> int:
+    with ScanState.open(db) as st:
+        return st.n_rows()
+
+
+def test_redact_paths_writes_pseudonyms_everywhere(
+    tiny_package: Callable[..., Path], tmp_path: Path
+) -> None:
+    from osteoscan.writers import read_hdf5
+
+    root = tmp_path / "archive"
+    synthetic.write_png(root / "Doe^Jane" / "PHI-123456.png", synthetic.synthetic_knee(64, seed=1))
+    (root / "Doe^Jane" / "Smith^John.dcm").write_bytes(b"not a dicom at all" * 10)
+    cfg = ScanConfig(paths=[root], out=tmp_path / "r.csv", models=[str(tiny_package())],
+                     device="cpu", workers=0, redact_paths=True,
+                     hdf5=tmp_path / "r.h5")  # fmt: skip
+    run_scan(cfg)
+    text = (tmp_path / "r.csv").read_text() + (tmp_path / "r.flagged.csv").read_text()
+    text += " ".join(read_hdf5(tmp_path / "r.h5")["path"])
+    for name in ("Doe", "Jane", "PHI-123456", "Smith", "archive"):
+        assert name not in text
+    rows = _rows(tmp_path / "r.csv")
+    assert len(rows) == 2 and all(r["path"].startswith("redacted/") for r in rows)
+    first = [r["path"] for r in rows]
+    run_scan(cfg)  # stable across runs
+    assert [r["path"] for r in _rows(tmp_path / "r.csv")] == first
+    cfg.redact_paths = False  # switching it off re-exports real paths without rescoring
+    s = run_scan(cfg)
+    assert s.counts["ok"] == 0 and "Doe^Jane" in (tmp_path / "r.csv").read_text()

@@ -11,7 +11,8 @@ import pytest
 
 from osteoscan.errors import OutputError
 from osteoscan.rows import ResultRow, ScoredRow, utc_now
-from osteoscan.scan.state import ScanState, default_state_path, run_key
+from osteoscan.scan.plan import run_key
+from osteoscan.scan.state import ScanState, default_state_path
 
 KEY = run_key(["pkg-a"], {"threshold": None})
 

@@ -75,13 +75,22 @@ def register(app: typer.Typer) -> None:
                 "--include-phi", help="Add patient_id and accession_number columns (PHI!)."
             ),
         ] = False,
+        redact_paths: Annotated[
+            bool,
+            typer.Option(
+                "--redact-paths",
+                help="Write each file path as a stable pseudonym in every output (folder and "
+                "file names often hold patient names); the mapping stays in the state file.",
+            ),
+        ] = False,
         quiet: Annotated[
             bool, typer.Option("--quiet", "-q", help="Plain timestamped log lines only.")
         ] = False,
     ) -> None:
         """Screen radiographs: one CSV row per image frame, flagged cases, heatmaps."""
         from osteoscan.cli.progress import make_reporter
-        from osteoscan.scan.pipeline import ScanConfig, run_scan
+        from osteoscan.scan.config import ScanConfig
+        from osteoscan.scan.pipeline import run_scan
 
         cfg = ScanConfig(
             paths=list(paths), out=out, hdf5=hdf5, heatmaps_dir=heatmaps,
@@ -90,7 +99,7 @@ def register(app: typer.Typer) -> None:
             body_part=body_part, covariates=covariates,
             covariate_columns=_columns(covariate_columns), include=list(include or []),
             exclude=list(exclude or []), threshold=threshold, force=force, quiet=quiet,
-            state=state, include_phi=include_phi,
+            state=state, include_phi=include_phi, redact_paths=redact_paths,
         )  # fmt: skip
         reporter = make_reporter(quiet)
         try:

@@ -25,8 +25,8 @@ class ScanConfig:
     from the machine (:func:`osteoscan.runtime.default_workers`); ``threshold`` overrides the
     packages' screening thresholds; ``heatmaps_for`` picks which scored rows get a PNG;
     ``state`` is the state file (default next to ``out``); ``include_phi`` adds identifier
-    columns; ``limits`` are the per-file guards; outputs are re-exported at least every
-    ``export_every_s`` seconds during a long run.
+    columns; ``redact_paths`` writes paths as pseudonyms; ``limits`` are the per-file guards;
+    outputs are re-exported at least every ``export_every_s`` seconds during a long run.
     """
 
     paths: Sequence[str | Path]
@@ -49,6 +49,7 @@ class ScanConfig:
     quiet: bool = False
     state: str | Path | None = None
     include_phi: bool = False
+    redact_paths: bool = False
     limits: GuardLimits = field(default_factory=GuardLimits)
     export_every_s: float = 300.0
 
@@ -73,6 +74,8 @@ class ScanConfig:
             raise UsageError("--body-part must be auto, knee or spine")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise UsageError("--threshold must be between 0 and 1")
+        if self.redact_paths and self.include_phi:
+            raise UsageError("--redact-paths and --include-phi contradict each other")
 
 
 @dataclass

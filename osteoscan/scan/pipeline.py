@@ -28,8 +28,15 @@ from typing import TYPE_CHECKING
 from osteoscan.discover import Found
 from osteoscan.errors import OsteoscanError
 from osteoscan.rows import ScoredRow
+from osteoscan.scan.backfill import META_KEY as HEATMAP_META
+from osteoscan.scan.backfill import attach_heatmaps, heatmap_options, paths_missing_heatmaps
 from osteoscan.scan.config import ScanConfig, ScanEvent, ScanSummary
-from osteoscan.scan.export import export_outputs, outputs_current, write_heatmap_pngs
+from osteoscan.scan.export import (
+    export_outputs,
+    outputs_current,
+    redaction_secret,
+    write_heatmap_pngs,
+)
 from osteoscan.scan.plan import discover_files, plan_files, record_orphans, run_key_for
 from osteoscan.scan.record import record_batch
 from osteoscan.scan.session import ScanSession
@@ -87,18 +94,24 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         record_orphans(state, session.inflight_dir, key)  # files that crashed earlier runs
         files, n_ignored = discover_files(cfg)
         todo = plan_files(state, files, key, cfg.force)
-        progress = _Progress(len(todo), on_event)
+        redo = _missing_heatmaps(cfg, state, key, files, todo)
+        progress = _Progress(len(todo) + len(redo), on_event)
         progress.emit("start", f"{len(todo)} files to scan, {len(files) - len(todo)} unchanged "
-                      f"({n_ignored} ignored)")  # fmt: skip
+                      f"({n_ignored} ignored)" + (f"; heatmaps to add for {len(redo)} files"
+                      if redo else ""))  # fmt: skip
         labels = [f"{m.name} {m.version}" for m in manifests]
         device, workers, written = "none", 0, list[Path]()
-        if todo or not outputs_current(state, cfg):
+        if todo or redo or not outputs_current(state, cfg):
             models, device, workers = _prepare(cfg, key)
-            workers = min(workers, len(todo))
+            workers = min(workers, len(todo) + len(redo))
+            run = _Run(cfg, session, models, key, workers, device, progress)
             if todo:
-                written += _score_all(cfg, session, models, key, todo, workers, device, progress)
+                written += run.score(todo)
+            if redo and session.stop_signal is None:
+                written += run.score(redo, heatmaps_only=True)
             written += [p for p in _export(cfg, state, models) if p not in written]
             session.raise_if_stopped()
+        state.set_meta(HEATMAP_META, heatmap_options(cfg))  # complete: every row has its maps
         progress.counts["unchanged"] = state.summary()["unchanged"]
         done = progress.emit("done")
         totals = state.totals()
@@ -132,47 +145,83 @@ def _prepare(cfg: ScanConfig, key: str) -> tuple[list[LoadedModel], str, int]:
     return models, str(device), plan.workers
 
 
-def _score_all(
-    cfg: ScanConfig,
-    session: ScanSession,
-    models: list[LoadedModel],
-    key: str,
-    todo: list[Found],
-    workers: int,
-    device: str,
-    progress: _Progress,
-) -> list[Path]:
-    """load → score → (PNGs) → record, batch by batch, until done or a stop signal.
+def _missing_heatmaps(
+    cfg: ScanConfig, state: ScanState, key: str, files: list[Found], todo: list[Found]
+) -> list[Found]:
+    """Unchanged files whose rows lack heatmaps the options now ask for (none when the heatmap
+    options are those of the last complete run: its rows were made with them)."""
+    if state.meta(HEATMAP_META) == heatmap_options(cfg):
+        return []
+    png = str(cfg.heatmaps_dir) if cfg.heatmaps_dir else None
+    blob = cfg.hdf5 is not None and cfg.hdf5_heatmaps
+    want = paths_missing_heatmaps(state, key, blob=blob, png_dir=png,
+                                  png_all=cfg.heatmaps_for == "all")  # fmt: skip
+    planned = {str(f.path) for f in todo}
+    return [f for f in files if str(f.path) in want and str(f.path) not in planned]
 
-    Returns the outputs re-exported on the way (long runs publish progress periodically)."""
-    import torch
 
-    from osteoscan.load import Loader
-    from osteoscan.scan.engines.local import LocalEngine
-    from osteoscan.scan.routing import Router
-    from osteoscan.scan.score import Scorer
+class _Run:
+    """load → score → (PNGs) → record, batch by batch, until done or a stop signal."""
 
-    router = Router([m.ensemble.body_parts for m in models], [m.label for m in models],
-                    cfg.body_part)  # fmt: skip
-    loader = Loader(router, [m.preprocess for m in models])
-    engine = LocalEngine(torch.device(device), workers, cfg.batch_size,
-                         session.inflight_dir, cfg.limits)  # fmt: skip
-    scorer = Scorer(cfg, models)
-    keep_heatmaps = cfg.hdf5 is not None
-    last_export, written = time.monotonic(), []
-    for batch in engine.batches(todo, loader):
-        scored = scorer.score(batch)
-        write_heatmap_pngs(scored, cfg.heatmaps_dir)
-        record_batch(session.state, scored, key, keep_heatmaps=keep_heatmaps,
-                     include_phi=cfg.include_phi)  # fmt: skip
-        progress.add(scored, batch.n_files)
-        progress.emit("batch")
-        if time.monotonic() - last_export >= cfg.export_every_s:  # long runs: publish progress
-            written += _export(cfg, session.state, models)
-            last_export = time.monotonic()
-        if session.stop_signal is not None:
-            break
-    return written
+    def __init__(
+        self,
+        cfg: ScanConfig,
+        session: ScanSession,
+        models: list[LoadedModel],
+        key: str,
+        workers: int,
+        device: str,
+        progress: _Progress,
+    ) -> None:
+        import torch
+
+        from osteoscan.load import Loader
+        from osteoscan.scan.engines.local import LocalEngine
+        from osteoscan.scan.routing import Router
+        from osteoscan.scan.score import Scorer
+
+        self.cfg, self.session, self.models, self.key = cfg, session, models, key
+        self.progress = progress
+        router = Router([m.ensemble.body_parts for m in models], [m.label for m in models],
+                        cfg.body_part)  # fmt: skip
+        self.loader = Loader(router, [m.preprocess for m in models])
+        self.engine = LocalEngine(torch.device(device), workers, cfg.batch_size,
+                                  session.inflight_dir, cfg.limits)  # fmt: skip
+        self.scorer = Scorer(cfg, models)
+
+    def score(self, files: list[Found], *, heatmaps_only: bool = False) -> list[Path]:
+        """Score ``files`` (or, with ``heatmaps_only``, add heatmaps to their stored rows).
+
+        Returns the outputs re-exported on the way (long runs publish progress periodically).
+        """
+        cfg, state = self.cfg, self.session.state
+        keep_heatmaps = cfg.hdf5 is not None and cfg.hdf5_heatmaps
+        last_export, written = time.monotonic(), list[Path]()
+        for batch in self.engine.batches(files, self.loader):
+            scored = self.scorer.score(batch)
+            write_heatmap_pngs(scored, cfg.heatmaps_dir)  # before the rows that name them
+            if heatmaps_only:
+                attach_heatmaps(state, [s for s in scored if s.row.status == "ok"]
+                                if keep_heatmaps else _without_maps(scored))  # fmt: skip
+                self.progress.add([], batch.n_files)
+            else:
+                record_batch(state, scored, self.key, keep_heatmaps=keep_heatmaps,
+                             include_phi=cfg.include_phi)  # fmt: skip
+                self.progress.add(scored, batch.n_files)
+            self.progress.emit("batch")
+            if time.monotonic() - last_export >= cfg.export_every_s:  # long runs: publish
+                written += _export(cfg, state, self.models)
+                last_export = time.monotonic()
+            if self.session.stop_signal is not None:
+                break
+        return written
+
+
+def _without_maps(scored: list[ScoredRow]) -> list[ScoredRow]:
+    """The ok rows with their PNG paths but no stored map (no HDF5 asked for)."""
+    for item in scored:
+        item.heatmap = None
+    return [s for s in scored if s.row.status == "ok"]
 
 
 def _export(cfg: ScanConfig, state: ScanState, models: list[LoadedModel]) -> list[Path]:
@@ -185,4 +234,5 @@ def _export(cfg: ScanConfig, state: ScanState, models: list[LoadedModel]) -> lis
         classes=union_classes([m.ensemble.classes for m in models]),
         manifests={m.label: m.manifest.to_dict() for m in models},
         heatmap_size=(max(sizes), max(sizes)) if sizes else None, phi=cfg.include_phi,
+        redact=redaction_secret(state, cfg),
     )  # fmt: skip

@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from osteoscan.discover import Found, discover
 from osteoscan.guards import orphaned_inflight
@@ -20,7 +23,7 @@ from osteoscan.hashing import file_sha256
 from osteoscan.manifest import Manifest, package_identity
 from osteoscan.rows import ResultRow, ScoredRow
 from osteoscan.scan.config import ScanConfig
-from osteoscan.scan.state import ScanState, run_key
+from osteoscan.scan.state import ScanState
 
 SUSPECT_LIMIT = 2  # runs that died while reading the same file before it is an error row
 
@@ -45,8 +48,28 @@ def _digest(path: str | Path | None) -> str | None:
         return None
 
 
+def run_key(package_ids: Sequence[str], options: Mapping[str, Any] | None = None) -> str:
+    """Stable key of "what would score a file": package identities + row-changing options.
+
+    ``package_ids`` come from ``osteoscan.package.package_identity``; ``options`` holds anything
+    else that changes a score (threshold override, ``--body-part``, covariates CSV hash). Order of
+    packages does not matter; the options must be JSON-serialisable.
+    """
+    payload = json.dumps(
+        {"packages": sorted(package_ids), "options": dict(options or {})},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
 def run_key_for(cfg: ScanConfig, manifests: Sequence[Manifest]) -> str:
-    """The run key of ``cfg`` with these packages (see :func:`osteoscan.scan.state.run_key`)."""
+    """The run key of ``cfg`` with these packages (:func:`run_key`).
+
+    Output options (HDF5, heatmaps, path redaction) are not part of it: scores never depend on
+    them, so adding ``--hdf5`` or ``--heatmaps`` to a nightly run computes only the heatmaps
+    that are missing (:meth:`ScanState.paths_missing_heatmaps`), never new scores.
+    """
     return run_key(
         [package_identity(m) for m in manifests],
         {
@@ -56,7 +79,6 @@ def run_key_for(cfg: ScanConfig, manifests: Sequence[Manifest]) -> str:
             "body_part": "auto/single-part" if cfg.body_part == "auto" else cfg.body_part,
             "covariates": _digest(cfg.covariates),
             "covariate_columns": list(cfg.covariate_columns),
-            "heatmaps": [bool(cfg.heatmaps_dir), cfg.heatmaps_for, bool(cfg.hdf5)],
             "include_phi": cfg.include_phi,
         },
     )

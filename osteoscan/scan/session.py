@@ -5,7 +5,8 @@
 - it takes the locks on the state and on ``--out`` (a concurrent scan is refused at once with
   :class:`~osteoscan.errors.LockHeldError` naming the holder, before any model is loaded);
 - it opens the state (:class:`~osteoscan.scan.state.ScanState`);
-- it removes temporary output files a killed run left (safe: we hold the lock);
+- it removes temporary output files a killed run left (safe: we hold the lock), and checks that
+  every output folder is writable before the first image is read;
 - SIGINT/SIGTERM set :attr:`stop_signal`; the orchestrator stops after the current batch, exports
   what is committed and raises :meth:`raise_if_stopped` (exit 1: run again to finish). A second
   Ctrl-C stops at once.
@@ -13,13 +14,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from osteoscan.atomic import output_error
 from osteoscan.errors import OsteoscanError
 from osteoscan.guards import tidy_inflight
 from osteoscan.scan.config import ScanConfig
@@ -55,11 +59,20 @@ class ScanSession:
         except BaseException:
             self._locks.release()
             raise
-        cfg = self.cfg
-        for folder in {Path(cfg.out).parent, Path(cfg.hdf5 or cfg.out).parent, cfg.heatmaps_dir}:
-            sweep_temp_files(folder)
+        try:
+            for folder in self._output_folders():
+                sweep_temp_files(folder)
+                check_writable(folder)  # fail now, not after a night of scoring
+        except BaseException:
+            self.__exit__()
+            raise
         self._install_signals()
         return self
+
+    def _output_folders(self) -> set[Path]:
+        cfg = self.cfg
+        folders = {Path(cfg.out).parent, Path(cfg.hdf5 or cfg.out).parent}
+        return folders | ({Path(cfg.heatmaps_dir)} if cfg.heatmaps_dir else set())
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._old_handlers.items():
@@ -91,6 +104,17 @@ class ScanSession:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old_handlers[sig] = signal.signal(sig, _stop)
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be made in it, or raise OutputError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".osteoscan-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise output_error(folder, exc) from exc
 
 
 def sweep_temp_files(folder: str | Path | None) -> int:

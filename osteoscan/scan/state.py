@@ -11,9 +11,8 @@ equal those of an uninterrupted run.
 Identity
     * image identity: ``ImageFrame.image_id`` (SOPInstanceUID [+ ``:frame``] for DICOM, else
       ``sha256:`` + content hash) - never PHI; stored per row.
-    * model identity: a *run key* (:func:`run_key`) = hash of the package identities
-      (``osteoscan.package.package_identity``: version + weights sha256s + preprocessing) plus
-      every option that changes a row (threshold, ``--body-part``, covariates file, heatmaps).
+    * model identity: a *run key* (:func:`osteoscan.scan.plan.run_key`) = hash of the package
+      identities plus every option that changes a score (threshold, ``--body-part``, covariates).
     * file change detection without decoding: ``(size, mtime_ns)`` from one ``stat`` per file.
       A file is skipped when its stat and the run key equal those stored when it was last
       *completed* (all of its frames recorded). Anything else - new, changed, interrupted halfway
@@ -38,22 +37,18 @@ Schema (``PRAGMA user_version = 2``; a version-1 file is migrated in place by dr
 Rows of files that later vanish from the archive stay (results accumulate, as a log of what was
 screened); a changed file's rows are replaced, and frames beyond its new frame count deleted.
 
-Durability: WAL journal + ``synchronous=FULL``. With WAL, NORMAL already survives a process kill
-(committed pages are in the WAL, in the OS cache); FULL adds an fsync of the WAL per commit so a
-*power loss* cannot roll back a batch whose rows already reached a regenerated CSV. We commit once
-per batch (tens of images), so that costs one fsync per batch: negligible next to inference.
+Durability: WAL + ``synchronous=FULL``: a kill loses nothing committed, and the per-commit fsync
+(one per batch) means a power loss cannot roll back rows that already reached a regenerated CSV.
 Only one process writes (see :mod:`osteoscan.scan.lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
-import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -62,6 +57,7 @@ import numpy as np
 
 from osteoscan.errors import OutputError
 from osteoscan.rows import ResultRow, ScoredRow, utc_now
+from osteoscan.scan.blobs import decode_array, encode_array, json_default
 
 SCHEMA_VERSION = 2
 # SQLite result codes that mean "the disk or its permissions", not a bug: SQLITE_READONLY (8),
@@ -88,21 +84,6 @@ def default_state_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".state.sqlite")
 
 
-def run_key(package_ids: Sequence[str], options: Mapping[str, Any] | None = None) -> str:
-    """Stable key of "what would score a file": package identities + row-changing options.
-
-    ``package_ids`` come from ``osteoscan.package.package_identity``; ``options`` holds anything
-    else that changes a row (threshold override, ``--body-part``, covariates CSV hash, heatmap
-    settings). Order of packages does not matter; the options must be JSON-serialisable.
-    """
-    payload = json.dumps(
-        {"packages": sorted(package_ids), "options": dict(options or {})},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
 @dataclass(frozen=True)
 class FileSig:
     """What a file looked like when planned: enough to tell "unchanged" without reading it."""
@@ -127,21 +108,6 @@ class Plan(Generic[T]):
     todo: list[T] = field(default_factory=list)
     unchanged: list[T] = field(default_factory=list)
     unchanged_rows: int = 0
-
-
-def _encode(arr: np.ndarray | None, dtype: str, compress: bool) -> tuple[bytes | None, str | None]:
-    if arr is None:
-        return None, None
-    a = np.ascontiguousarray(np.asarray(arr, dtype=dtype))
-    raw = a.tobytes()
-    return (zlib.compress(raw, 3) if compress else raw), json.dumps(list(a.shape))
-
-
-def _decode(blob: bytes | None, shape: str | None, dtype: str, compressed: bool) -> Any:
-    if blob is None or shape is None:
-        return None
-    raw = zlib.decompress(blob) if compressed else blob
-    return np.frombuffer(raw, dtype=dtype).reshape(json.loads(shape))
 
 
 class ScanState:
@@ -200,6 +166,23 @@ class ScanState:
         self.close()
 
     # -- meta --------------------------------------------------------------------------------
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The database connection, for queries of other modules of this package."""
+        return self._conn
+
+    def rollback(self) -> None:
+        """Roll back an open transaction (nothing happens when none is open)."""
+        self._rollback()
+
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        """A value of the ``meta`` table (``default`` when unset)."""
+        return self._meta(key, default)
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a value of the ``meta`` table (its own transaction)."""
+        self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
     def _meta(self, key: str, default: str | None = None) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else default
@@ -219,18 +202,17 @@ class ScanState:
         """Largest ensemble (member count) among stored rows: the HDF5 member axis."""
         return int(self._meta("max_members", "0") or 0)
 
-    def needs_export(self, name: str, target: str | Path | None = None) -> bool:
-        """True when output ``name`` is older than the rows (or ``target`` is missing)."""
+    def needs_export(self, name: str, target: str | Path | None = None, how: str = "") -> bool:
+        """True when output ``name`` is older than the rows, was written another way (``how``:
+        a signature of the export options, e.g. path redaction) or ``target`` is missing."""
         if target is not None and not Path(target).exists():
             return True
-        return self._meta(f"exported:{name}") != str(self.generation)
+        return self._meta(f"exported:{name}") != f"{self.generation}{how}"
 
-    def mark_exported(self, name: str, generation: int | None = None) -> None:
+    def mark_exported(self, name: str, generation: int | None = None, how: str = "") -> None:
         """Remember that output ``name`` reflects ``generation`` (call after ``os.replace``)."""
         gen = self.generation if generation is None else generation
-        self._conn.execute(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (f"exported:{name}", str(gen))
-        )
+        self.set_meta(f"exported:{name}", f"{gen}{how}")
 
     def bump_suspect(self, path: str) -> int:
         """Count one more run that died while reading ``path``; returns the count so far.
@@ -324,14 +306,14 @@ class ScanState:
         for res in results:
             row = res.row
             path, frame = row.path, row.frame
-            mp, mp_shape = _encode(res.member_probs, "float32", compress=False)
-            hm, hm_shape = _encode(res.heatmap, "float16", compress=True)
+            mp, mp_shape = encode_array(res.member_probs, "float32", compress=False)
+            hm, hm_shape = encode_array(res.heatmap, "float16", compress=True)
             flagged = row.is_flagged
             conn.execute(
                 "INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     path, frame, row.image_id, run_key, row.status, int(flagged), row.score,
-                    json.dumps(row.as_dict(), default=_json_default), mp, mp_shape, hm,
+                    json.dumps(row.as_dict(), default=json_default), mp, mp_shape, hm,
                     hm_shape, row.scanned_at, gen,
                 ),
             )  # fmt: skip
@@ -390,8 +372,8 @@ class ScanState:
             yield ScoredRow(
                 ResultRow.from_dict(json.loads(text)),
                 1,
-                _decode(mp, mps, "float32", compressed=False),
-                _decode(hm, hms, "float16", compressed=True),
+                decode_array(mp, mps, "float32", compressed=False),
+                decode_array(hm, hms, "float16", compressed=True),
             )
 
     def totals(self) -> dict[str, int]:
@@ -413,12 +395,3 @@ class ScanState:
         ``skipped`` / ``failed`` / ``flagged``; files ``unchanged`` (skipped without reading)
         and their rows ``unchanged_rows``; ``todo`` files planned; ``total_rows`` stored."""
         return {**self._counts, **self._plan_counts, "total_rows": self.n_rows()}
-
-
-def _json_default(obj: Any) -> Any:
-    """numpy scalars and paths inside row dicts become plain JSON values."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
