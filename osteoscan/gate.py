@@ -254,7 +254,8 @@ def content_decision(image: np.ndarray, info: Mapping[str, Any]) -> Decision:
         )
     return Decision(
         GateCode.CONTENT_PASSED,
-        "no modality in this format; greyscale with a radiograph's range of grey levels",
+        "content check passed: greyscale with a radiograph's range of grey levels (no modality "
+        "in this format)",
     )
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from osteoscan.cli import app, main
+from osteoscan.cli.inspect import COLUMNS, _table
 from osteoscan.errors import UsageError
 from osteoscan.testing import synthetic
 
@@ -62,14 +65,48 @@ def test_include_exclude(folder: Path) -> None:
     assert [Path(json.loads(x)["path"]).name for x in result.stdout.splitlines()] == ["a.png"]
 
 
-def test_table_on_terminal(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plain_lines_when_not_a_terminal(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logs and pipes get one tab-separated line per frame, never cut at the console width."""
+    deep = folder / ("very_long_folder_name_" * 6) / ("and_a_long_file_name_" * 4 + ".png")
+    synthetic.write_png(deep, synthetic.synthetic_knee(32, seed=2), bits=8)
     monkeypatch.chdir(folder)
-    result = CliRunner().invoke(app, ["inspect", ".", "--show-ignored"], env={"COLUMNS": "250"})
+    result = CliRunner().invoke(app, ["inspect", ".", "--show-ignored"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
-    header = result.stdout.splitlines()[1]
-    for column in ("path", "frame", "status", "reason", "kind", "body part", "age", "sex"):
-        assert column in header
-    for column in ("modality", "photometric", "transfer syntax", "bits", "size"):
-        assert column in header
-    assert "a.png" in result.stdout and "named .dcm but is not DICOM" in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == list(COLUMNS)
+    assert len(lines) == 1 + 4  # header + one line per frame
+    by_name = {Path(line.split("\t")[0]).name: line.split("\t") for line in lines[1:]}
+    assert str(deep.relative_to(folder)) in result.stdout  # the whole path, uncut
+    cells = dict(zip(COLUMNS, by_name["a.png"], strict=True))
+    assert cells["status"] == "ok" and cells["gate"] == "content_passed"
+    assert cells["reason"].startswith("content check passed")  # why the gate let it through
+    assert by_name["x.dcm"][4].startswith("named .dcm but is not DICOM")
     assert "README.txt: not an image file" in result.stderr
+
+
+def test_terminal_table_one_line_per_frame(folder: Path) -> None:
+    from osteoscan.inspect import inspect_paths
+
+    rows = list(inspect_paths([folder]))
+    buf = io.StringIO()
+    Console(file=buf, width=80, force_terminal=True, color_system=None).print(_table(rows))
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1 + len(rows) and all(len(line) <= 80 for line in lines)
+    for column in ("path", "frame", "status", "reason", "body part", "modality", "size"):
+        assert column in lines[0]
+    assert [line.split()[2] for line in lines[1:]] == [r["status"] for r in rows]
+
+
+def test_json_carries_the_gate_decision(tmp_path: Path, pydicom_data) -> None:
+    """inspect shows the scan's decision: an ultrasound frame is skipped, a radiograph is not."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "us.dcm").symlink_to(pydicom_data("US1_UNCR"))
+    (root / "cr.dcm").symlink_to(pydicom_data("RG3_UNCR"))
+    result = CliRunner().invoke(app, ["inspect", str(root), "--json"])
+    rows = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert rows["us.dcm"]["status"] == "skipped" and rows["us.dcm"]["gate"] == "modality"
+    assert rows["us.dcm"]["reason"] == rows["us.dcm"]["gate_reason"]
+    assert rows["us.dcm"]["reason"].startswith("ultrasound image (Modality=US)")
+    assert rows["cr.dcm"]["status"] == "ok" and rows["cr.dcm"]["gate"] == "radiograph"
+    assert rows["cr.dcm"]["gate_reason"] == "projection radiograph (Modality=CR)"

@@ -33,33 +33,56 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# (header, cell) per column: the same columns in the terminal table and in the plain lines.
+def _cells(row: dict[str, Any]) -> list[str]:
+    part = row["body_part"] or "unknown"
+    if row.get("body_part_reason"):
+        part = f"{part} ({row['body_part_reason']})"
+    size = f"{row['columns']}x{row['rows']}" if row.get("rows") else ""
+    # ok frames have no reason: show why the gate let them through instead
+    why = row["reason"] or row.get("gate_reason") or ""
+    return [
+        row["path"], str(row["frame"]), row["status"], row.get("gate") or "", why,
+        row["kind"] or "", part, _fmt(row["age"]), _fmt(row["sex"]), _fmt(row["modality"]),
+        _fmt(row["photometric"]), _fmt(row["transfer_syntax"]), _fmt(row["bits_stored"]), size,
+    ]  # fmt: skip
+
+
+COLUMNS = (
+    "path", "frame", "status", "gate", "reason", "kind", "body part", "age", "sex", "modality",
+    "photometric", "transfer syntax", "bits", "size",
+)  # fmt: skip
+
+
+# Terminal table: short columns keep their full width; path and reason share the rest.
+_TERMINAL = (("path", 2), ("frame", 0), ("status", 0), ("reason", 3), ("body part", 0),
+             ("age", 0), ("sex", 0), ("modality", 0), ("size", 0))  # fmt: skip
+
+
 def _table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(show_lines=False, header_style="bold", expand=False)
-    for name in ("path", "frame", "status", "reason", "kind", "body part", "age", "sex"):
-        table.add_column(name, overflow="fold")
-    for name in ("modality", "photometric", "transfer syntax", "bits", "size"):
-        table.add_column(name, overflow="fold")
-    for row in rows:
-        part = row["body_part"] or "unknown"
-        if row.get("body_part_reason"):
-            part = f"{part} ({row['body_part_reason']})"
-        size = f"{row['columns']}x{row['rows']}" if row.get("rows") else ""
-        table.add_row(
-            row["path"],
-            str(row["frame"]),
-            Text(row["status"], style=_STATUS_STYLE.get(row["status"], "")),
-            row["reason"] or "",
-            row["kind"] or "",
-            part,
-            _fmt(row["age"]),
-            _fmt(row["sex"]),
-            _fmt(row["modality"]),
-            _fmt(row["photometric"]),
-            _fmt(row["transfer_syntax"]),
-            _fmt(row["bits_stored"]),
-            size,
-        )
+    """One line per frame on a terminal: long cells end in '…' rather than wrap (``--json`` and
+    plain output keep everything)."""
+    index = {name: i for i, name in enumerate(COLUMNS)}
+    body = [_cells(row) for row in rows]
+    for cells, row in zip(body, rows, strict=True):
+        cells[index["body part"]] = row["body_part"] or "unknown"
+    table = Table(header_style="bold", expand=True, box=None, padding=(0, 1))
+    for name, ratio in _TERMINAL:
+        width = max([len(name)] + [len(c[index[name]]) for c in body])
+        table.add_column(
+            name, no_wrap=True, overflow="ellipsis", ratio=ratio or None,
+            min_width=None if ratio else width,
+        )  # fmt: skip
+    for cells, row in zip(body, rows, strict=True):
+        shown: list[str | Text] = [cells[index[name]] for name, _ in _TERMINAL]
+        shown[2] = Text(row["status"], style=_STATUS_STYLE.get(row["status"], ""))
+        table.add_row(*shown)
     return table
+
+
+def plain_line(row: dict[str, Any]) -> str:
+    """One tab-separated line per frame, never cut: what logs and pipes get."""
+    return "\t".join(c.replace("\t", " ").replace("\n", " ") for c in _cells(row))
 
 
 def _summary(rows_by_status: dict[str, int], ignored: list[Found]) -> str:
@@ -107,9 +130,12 @@ def register(app: typer.Typer) -> None:
             typer.Option("--show-ignored", help="Also list ignored files and why (on stderr)."),
         ] = False,
     ) -> None:
-        """What the model would see, and why: kind, status, header facts per image frame.
+        """What the model would see, and why: one line per image frame.
 
-        Broken files are rows with status=error (exit code 0); a missing PATH is a usage error.
+        Status and reason as a scan gives them (only projection radiographs are scored: the gate
+        column says why a frame passed or not), body part and how it was decided, header facts.
+        Tab-separated plain lines when the output is not a terminal. Broken files are rows with
+        status=error (exit code 0); a missing PATH is a usage error.
         """
         from osteoscan.inspect import inspect_paths
         from osteoscan.preprocess import PreprocessConfig
@@ -143,7 +169,14 @@ def register(app: typer.Typer) -> None:
             else:
                 rows_seen.append(row)
         if not json_lines:
-            Console().print(_table(rows_seen))
+            out = Console()
+            if out.is_terminal:
+                out.print(_table(rows_seen))
+            else:
+                # Logs and pipes: plain lines, never cut at the console width.
+                sys.stdout.write("\t".join(COLUMNS) + "\n")
+                sys.stdout.writelines(plain_line(row) + "\n" for row in rows_seen)
+                sys.stdout.flush()
         if show_ignored:
             for found in ignored:
                 err.print(f"ignored {found.path}: {found.reason}", markup=False, highlight=False)

@@ -103,9 +103,12 @@ def decode_failure_reason(uid: str, message: str, printed: str = "") -> str:
             "pip install 'osteoscan[gpl]' (pylibjpeg-libjpeg, GPL-3.0 licensed, "
             "hence not installed by default)"
         )
-    if printed:
-        return f"cannot decode {name} pixel data (corrupt or truncated?): decoder said: {printed}"
     first = message.strip().splitlines()[-1].strip() if message.strip() else "unknown error"
+    if printed:
+        return (
+            f"cannot decode {name} pixel data (corrupt or truncated?): {first[:160]}; "
+            f"the decoder printed: {printed}"
+        )
     return f"cannot decode {name} pixel data: {first[:200]}"
 
 
