@@ -151,3 +151,107 @@ def test_quick_preset_on_knee_xray(tmp_path: Path) -> None:
     assert m["covariates"] == ["age", "sex"]
     assert {"image_only", "covariates_only", "combined"} <= set(m["metrics"])
     assert elapsed < 300  # 3 min budget on 2 idle cores; slack for shared machines
+
+
+def _knees(root: Path, per_class: int = 10) -> Path:
+    for c, (label, density) in enumerate((("normal", 1.0), ("osteoporosis", 0.3))):
+        for i in range(per_class):
+            img = synthetic_knee(64, seed=70 * c + i, density=density)
+            write_png(root / label / f"{label[:3]}{i}.png", img)
+    return root
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    """A ~250 KB knee JPEG cut to its first 5 KB (the decoder would show a near-blank image)."""
+    import cv2
+    import numpy as np
+
+    img = (synthetic_knee(768, seed=5) * 255).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(-20, 20, img.shape)
+    img = np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok and len(buf) > 200_000
+    path.write_bytes(buf.tobytes()[:5000])
+    return path
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Exit code and stderr+stdout of the real entry point (exceptions mapped to exit codes)."""
+    from osteoscan.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.err + out.out
+
+
+def _small_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(data), "--out", str(out), "--arch", "tiny_cnn", "--random-init",
+        "--preset", "quick", "--size", "32", "--epochs", "1", "--batch-size", "8", "--folds", "2",
+        "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_train_refuses_a_class_with_no_readable_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every osteoporosis file unreadable: exit 2 naming the files, even with --allow-unreadable."""
+    root = _knees(tmp_path / "d")
+    bad = sorted((root / "osteoporosis").iterdir())
+    for p in bad:
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG signature and nothing usable
+    code, text = _main(_small_args(root, tmp_path / "m"), capsys)
+    assert code == 2 and "10 of 20 files (50%) cannot be read" in text
+    assert all(p.name in text for p in bad)
+    code, text = _main(_small_args(root, tmp_path / "m", "--allow-unreadable"), capsys)
+    assert code == 2 and "osteoporosis has 0" in text and "the split needs 3" in text
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_train_refuses_an_unreadable_share_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """2 of 20 files unreadable (a truncated JPEG among them) is above 5 %: refused, or allowed."""
+    root = _knees(tmp_path / "d", per_class=9)
+    _truncated_jpeg(root / "normal" / "cut.jpg")
+    (root / "osteoporosis" / "empty.png").write_bytes(b"")
+    code, text = _main(_small_args(root, tmp_path / "m"), capsys)
+    assert code == 2 and "2 of 20 files (10%)" in text and "--allow-unreadable" in text
+    assert "cut.jpg: truncated JPEG" in text and "empty.png" in text
+    code, text = _main(_small_args(root, tmp_path / "m", "--allow-unreadable"), capsys)
+    assert code == 0, text
+    assert "osteoscan train: read 18/20 images usable (2 unreadable, 0 skipped)" in text
+    m = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert m["training_data"]["n_unreadable"] == 2 and m["training_data"]["n_images"] == 18
+    assert {r["path"] for r in m["training_data"]["not_used"]} == {
+        "normal/cut.jpg", "osteoporosis/empty.png"
+    }  # fmt: skip
+
+
+def test_train_logs_covariate_sources_and_csv_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _knees(tmp_path / "d")
+    csv_path = tmp_path / "cov.csv"
+    csv_path.write_text("path,age,sex\nnor0,sixty,F\nnor1,-5,M\nnor2,250,X\nost0,70,F\n")
+    code, text = _main(_small_args(root, tmp_path / "m", "--covariates", str(csv_path)), capsys)
+    assert code == 0, text
+    assert "age/sex for 20 images: 0 from DICOM headers, 3 from the covariates CSV, 17 none" in text
+    assert "warning: cov.csv: 16 of 20 images have no row" in text
+    assert "warning: cov.csv: 4 unusable value(s) ignored (age 'sixty' for nor0" in text
+
+
+def test_train_help_lists_presets_one_line_each_and_no_type_metavars() -> None:
+    from osteoscan.train.recipe import PRESET_HELP, list_presets
+
+    res = CliRunner().invoke(app, ["train", "-h"], env={"COLUMNS": "100"})
+    assert res.exit_code == 0
+    lines = res.output.splitlines()
+    for name in list_presets():
+        assert any(name in ln and PRESET_HELP[name] in ln for ln in lines), name
+    options = [ln for ln in lines if "--help" not in ln]
+    assert not [ln for ln in options if "<bool>" in ln or "<list[" in ln]

@@ -1,146 +1,96 @@
 """`osteoscan train`: fine-tune a calibrated ensemble on labelled radiographs → model package.
 
 Thin: :func:`osteoscan.train.trainer.train` does the work and reports progress through
-:class:`~osteoscan.train.loop.TrainEvent` callbacks; this module parses options and renders the
-events (Rich progress with ETA and validation AUC on a terminal, timestamped lines otherwise).
+:class:`~osteoscan.train.loop.TrainEvent` callbacks; this module parses options (declared once,
+as the ``*Opt`` aliases below) and :mod:`osteoscan.cli.train_render` renders the events.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import math
 import shlex
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
+from osteoscan.cli.train_render import LogRenderer, RichRenderer, fmt
 from osteoscan.errors import UsageError
-from osteoscan.train.recipe import list_presets, make_config
+from osteoscan.train.recipe import PRESET_HELP, list_presets, make_config
 
-if TYPE_CHECKING:  # the training loop imports torch: only when `train` runs
-    from osteoscan.train.loop import TrainEvent
+Opt = typer.Option
+FLAG = {"metavar": ""}  # on/off options take no value: no "<bool>" in the help
+
+DataOpt = Annotated[Path, Opt("--data", help="Folder with one sub-folder per class, or a "
+                              "path,label[,group] CSV.")]  # fmt: skip
+OutOpt = Annotated[Path, Opt("--out", help="Folder to write the model package to.")]
+ArchOpt = Annotated[list[str] | None, Opt("--arch", metavar="ARCH", help="Architecture (repeat "
+                                          "for an ensemble across architectures).")]  # fmt: skip
+PresetOpt = Annotated[str, Opt("--preset", help="Recipe preset (listed above).")]
+FoldsOpt = Annotated[int | None, Opt("--folds", help="K-fold cross-validation (fold models = "
+                                     "members); 1 = train/val/test split.")]  # fmt: skip
+EpochsOpt = Annotated[int | None, Opt("--epochs", help="Maximum epochs per member (both stages).")]
+Stage1Opt = Annotated[int | None, Opt("--stage1-epochs", help="Epochs training the new head on a "
+                                      "frozen backbone (0: one stage).")]  # fmt: skip
+UnfreezeOpt = Annotated[int | None, Opt("--unfreeze-blocks", help="Top blocks unfrozen in stage 2 "
+                                        "(-1: all).")]  # fmt: skip
+LrOpt = Annotated[float | None, Opt("--lr", help="Learning rate of stage 1 (or of single-stage "
+                                    "training).")]  # fmt: skip
+Lr2Opt = Annotated[float | None, Opt("--lr-stage2", help="Learning rate of stage 2.")]
+OptimOpt = Annotated[str | None, Opt("--optimizer", help="adam, adamw, rmsprop or sgd.")]
+SchedOpt = Annotated[str | None, Opt("--schedule", help="cosine, plateau or none.")]
+PatienceOpt = Annotated[int | None, Opt("--patience", help="Early stopping: epochs without "
+                                        "validation-AUC gain.")]  # fmt: skip
+AugmentOpt = Annotated[bool | None, Opt("--augment/--no-augment", help="Random affine "
+                                        "augmentation.", **FLAG)]  # fmt: skip
+PositiveOpt = Annotated[str | None, Opt("--positive", help="Screening-positive classes, "
+                                        "comma-separated (default osteoporosis).")]  # fmt: skip
+SensOpt = Annotated[float | None, Opt("--target-sensitivity", help="Sensitivity the stored "
+                                      "threshold reaches on held-out data.")]  # fmt: skip
+CovOpt = Annotated[Path | None, Opt("--covariates", help="CSV with path (or file stem), age, sex "
+                                    "per image.")]  # fmt: skip
+CovColsOpt = Annotated[str | None, Opt("--covariate-columns", help="Column names in the "
+                                       "covariates CSV: path,age,sex.")]  # fmt: skip
+DeviceOpt = Annotated[str, Opt("--device", help="auto, cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int | None, Opt("--seed", help="Random seed (splits, initialisation, "
+                                    "augmentation).")]  # fmt: skip
+WeightsOpt = Annotated[Path | None, Opt("--weights", help="ImageNet weights file "
+                                        "(.safetensors/.pth) for the architecture.")]  # fmt: skip
+RandomOpt = Annotated[bool, Opt("--random-init", help="Train from random initialisation (no "
+                                "pretrained weights).", **FLAG)]  # fmt: skip
+SizeOpt = Annotated[int | None, Opt("--size", help="Input size in pixels.")]
+RoiOpt = Annotated[str | None, Opt("--roi", help="Region fed to the model: none (whole image), "
+                                   "knee_joint (one crop around the joints) or knee_pair (each "
+                                   "knee joint in its own square, side by side).")]  # fmt: skip
+ClaheOpt = Annotated[bool | None, Opt("--clahe/--no-clahe", help="CLAHE contrast equalisation of "
+                                      "the input.", **FLAG)]  # fmt: skip
+MethodOpt = Annotated[str | None, Opt("--method", help="finetune (two-stage fine-tuning) or probe "
+                                      "(frozen backbone + regularised logistic head: better on a "
+                                      "few hundred images).")]  # fmt: skip
+ProbeCOpt = Annotated[float | None, Opt("--probe-c", help="Probe: inverse L2 strength.")]
+BatchOpt = Annotated[int | None, Opt("--batch-size", help="Training batch size.")]
+NameOpt = Annotated[str | None, Opt("--name", help="Model name (default: the --out folder "
+                                    "name).")]  # fmt: skip
+PartOpt = Annotated[str, Opt("--body-part", help="Body part the model serves: knee or spine.")]
+CacheOpt = Annotated[Path | None, Opt("--cache-dir", help="Keep preprocessed images here between "
+                                      "runs.")]  # fmt: skip
+ThreadsOpt = Annotated[int | None, Opt("--threads", help="CPU threads for torch.")]
+UnreadableOpt = Annotated[bool, Opt("--allow-unreadable", help="Train even when more than 5 % of "
+                                    "the files cannot be read (they are left out and listed).",
+                                    **FLAG)]  # fmt: skip
+QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="Plain log lines instead of live progress.",
+                               **FLAG)]  # fmt: skip
 
 
-def _stamp() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    return f"{x:.{digits}f}" if isinstance(x, float) and math.isfinite(x) else "n/a"
-
-
-class LogRenderer:
-    """Plain timestamped lines (cron logs, pipes, ``--quiet``)."""
-
-    def __init__(self, console: Console, read_every: float = 10.0) -> None:
-        self.console, self.read_every, self._last = console, read_every, 0.0
-
-    def _line(self, text: str) -> None:
-        self.console.print(f"{_stamp()} osteoscan train: {text}", markup=False, highlight=False,
-                           soft_wrap=True)  # fmt: skip
-
-    def __call__(self, ev: TrainEvent) -> None:
-        m = ev.metrics
-        if ev.kind in ("phase", "done"):
-            self._line(ev.message if ev.kind == "phase" else f"wrote {ev.message}")
-        elif ev.kind == "read":
-            now = time.monotonic()
-            if ev.step == ev.n_steps or now - self._last >= self.read_every:
-                self._last = now
-                self._line(f"read {ev.step}/{ev.n_steps} images")
-        elif ev.kind == "member_start":
-            self._line(
-                f"member {ev.member + 1}/{ev.n_members}: training ({ev.n_epochs} epochs max)"
-            )
-        elif ev.kind == "epoch_end":
-            self._line(
-                f"member {ev.member + 1}/{ev.n_members} epoch {ev.epoch}/{ev.n_epochs} "
-                f"[{ev.stage}] train_loss {_fmt(m.get('train_loss'))} val_loss "
-                f"{_fmt(m.get('val_loss'))} val_auc {_fmt(m.get('val_auc'))} "
-                f"({m.get('seconds', 0.0):.1f} s){' *' if m.get('best') else ''}"
-            )
-        elif ev.kind == "member_end":
-            self._line(
-                f"member {ev.member + 1}/{ev.n_members} done: best epoch {m.get('best_epoch')}, "
-                f"val_auc {_fmt(m.get('best_val_auc'))}"
-            )
-
-    def close(self) -> None:
-        """Nothing to tear down."""
-
-
-class RichRenderer:
-    """Live bars: overall epochs (with ETA and current val AUC) and batches of the epoch."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress = Progress(
-            TextColumn("{task.description:<12}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self.overall: TaskID | None = None
-        self.batches: TaskID | None = None
-        self.read: TaskID | None = None
-        self.done_epochs = 0
-        self.auc = float("nan")
-        self._member_epochs = 0
-        self._member_base = 0
-        self.progress.start()
-
-    def __call__(self, ev: TrainEvent) -> None:
-        p = self.progress
-        if ev.kind == "phase":
-            p.console.print(f"[bold]·[/] {ev.message}")
-        elif ev.kind == "read":
-            if self.read is None:
-                self.read = p.add_task("read", total=ev.n_steps, info="images")
-            p.update(self.read, completed=ev.step)
-        elif ev.kind == "member_start":
-            if self.overall is None:
-                # Upper bound: early stopping usually ends members sooner (ETA is pessimistic).
-                self.overall = p.add_task("epochs", total=ev.n_members * ev.n_epochs, info="")
-                self.batches = p.add_task("batches", total=1, info="")
-            self._member_epochs = ev.n_epochs
-            self._member_base = self.done_epochs
-        elif ev.kind == "epoch_start" and self.batches is not None:
-            p.reset(self.batches, total=max(ev.n_steps, 1))
-            p.update(self.batches, info=f"member {ev.member + 1}/{ev.n_members} [{ev.stage}]")
-        elif ev.kind == "batch" and self.batches is not None:
-            p.update(self.batches, completed=ev.step, info=f"loss {_fmt(ev.metrics.get('loss'))}")
-        elif ev.kind == "epoch_end" and self.overall is not None:
-            self.done_epochs += 1
-            self.auc = ev.metrics.get("val_auc", float("nan"))
-            info = f"member {ev.member + 1}/{ev.n_members} val AUC {_fmt(self.auc)}"
-            p.update(self.overall, completed=self.done_epochs, info=info)
-        elif ev.kind == "member_end" and self.overall is not None:
-            # Epochs skipped by early stopping count as done, so the ETA stays honest.
-            self.done_epochs = self._member_base + self._member_epochs
-            p.update(self.overall, completed=self.done_epochs)
-        elif ev.kind == "done":
-            p.console.print(f"[bold green]wrote[/] {ev.message}")
-
-    def close(self) -> None:
-        """Stop the live display."""
-        self.progress.stop()
+def _help() -> str:
+    width = max(len(name) for name in PRESET_HELP)
+    lines = [f"  {name:<{width}}  {PRESET_HELP.get(name, '')}" for name in list_presets()]
+    return (
+        "Fine-tune a calibrated CNN ensemble on labelled radiographs and write a model package."
+        "\n\n\b\nPresets (--preset; explicit options override them):\n" + "\n".join(lines)
+    )
 
 
 def _summary(console: Console, path: Path) -> None:
@@ -164,7 +114,7 @@ def _summary(console: Console, path: Path) -> None:
         ci = f"{lo:.3f}-{hi:.3f}" if lo is not None and hi is not None else ""
         cells = [auc.get("value"), auc["macro"].get("value")]
         cells += [mm["sensitivity"].get("value"), mm["specificity"].get("value")]
-        t.add_row(title, _fmt(cells[0]), ci, *(_fmt(c) for c in cells[1:]))
+        t.add_row(title, fmt(cells[0]), ci, *(fmt(c) for c in cells[1:]))
     console.print(t)
     td = m.training_data
     console.print(
@@ -205,196 +155,66 @@ def _csv_list(text: str | None) -> tuple[str, ...] | None:
     return items
 
 
+def _overrides(ctx: typer.Context) -> dict[str, Any]:
+    """:func:`make_config` overrides from the parsed options (``None``: not given)."""
+    p = ctx.params
+    if p["body_part"] not in ("knee", "spine"):
+        raise UsageError("--body-part must be knee or spine")
+    if p["random_init"] and p["weights"] is not None:
+        raise UsageError("--random-init and --weights exclude each other")
+    cols = _csv_list(p["covariate_columns"])
+    if cols is not None and len(cols) != 3:
+        raise UsageError("--covariate-columns needs three names: path,age,sex")
+    pre = {k: p[k] for k in ("roi", "clahe") if p[k] is not None}
+    same = ("data", "out", "folds", "epochs", "stage1_epochs", "unfreeze_blocks", "lr",
+            "lr_stage2", "optimizer", "schedule", "patience", "target_sensitivity", "device",
+            "seed", "weights", "size", "batch_size", "cache_dir", "method", "probe_c")  # fmt: skip
+    return {
+        **{k: p[k] for k in same},
+        "archs": tuple(p["arch"]) if p["arch"] else None, "positive": _csv_list(p["positive"]),
+        "covariates_csv": p["covariates"], "covariate_columns": cols,
+        "random_init": p["random_init"] or None, "name": p["name"] or p["out"].name,
+        "body_parts": (p["body_part"],), "num_threads": p["threads"], "preprocess": pre or None,
+        "command": _command_line(ctx), "allow_unreadable": p["allow_unreadable"] or None,
+    }  # fmt: skip
+
+
+def _run(ctx: typer.Context) -> None:
+    cfg = make_config(ctx.params["preset"], **_overrides(ctx))
+    if ctx.params["augment"] is not None:
+        cfg.augment.enabled = ctx.params["augment"]
+    if not Path(ctx.params["data"]).exists():
+        raise UsageError(f"--data {ctx.params['data']}: no such file or folder")
+    console = Console(stderr=True)
+    quiet = ctx.params["quiet"] or not console.is_terminal
+    renderer = LogRenderer(console) if quiet else RichRenderer(console)
+    from osteoscan.train.trainer import train  # heavy imports only when running
+
+    t0 = time.perf_counter()
+    try:
+        path = train(cfg, progress=renderer)
+    finally:
+        renderer.close()
+    _summary(Console(), path)
+    console.print(f"trained in {time.perf_counter() - t0:.1f} s → {path}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `train` command to the app."""
 
-    @app.command("train")
+    @app.command("train", help=_help())
     def train_cmd(
-        ctx: typer.Context,
-        data: Annotated[
-            Path,
-            typer.Option(
-                "--data", help="Folder with one sub-folder per class, or a path,label[,group] CSV."
-            ),
-        ],
-        out: Annotated[Path, typer.Option("--out", help="Folder to write the model package to.")],
-        arch: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--arch", help="Architecture (repeat for an ensemble across architectures)."
-            ),
-        ] = None,
-        preset: Annotated[
-            str, typer.Option("--preset", help=f"Recipe preset: {', '.join(list_presets())}.")
-        ] = "default",
-        folds: Annotated[
-            int | None,
-            typer.Option(
-                "--folds",
-                help="K-fold cross-validation (fold models = members); 1 = train/val/test split.",
-            ),
-        ] = None,
-        epochs: Annotated[
-            int | None, typer.Option("--epochs", help="Maximum epochs per member (both stages).")
-        ] = None,
-        stage1_epochs: Annotated[
-            int | None,
-            typer.Option(
-                "--stage1-epochs",
-                help="Epochs training the new head on a frozen backbone (0: one stage).",
-            ),
-        ] = None,
-        unfreeze_blocks: Annotated[
-            int | None,
-            typer.Option("--unfreeze-blocks", help="Top blocks unfrozen in stage 2 (-1: all)."),
-        ] = None,
-        lr: Annotated[
-            float | None,
-            typer.Option("--lr", help="Learning rate of stage 1 (or of single-stage training)."),
-        ] = None,
-        lr_stage2: Annotated[
-            float | None, typer.Option("--lr-stage2", help="Learning rate of stage 2.")
-        ] = None,
-        optimizer: Annotated[
-            str | None, typer.Option("--optimizer", help="adam, adamw, rmsprop or sgd.")
-        ] = None,
-        schedule: Annotated[
-            str | None, typer.Option("--schedule", help="cosine, plateau or none.")
-        ] = None,
-        patience: Annotated[
-            int | None,
-            typer.Option("--patience", help="Early stopping: epochs without validation-AUC gain."),
-        ] = None,
-        augment: Annotated[
-            bool | None, typer.Option("--augment/--no-augment", help="Random affine augmentation.")
-        ] = None,
-        positive: Annotated[
-            str | None,
-            typer.Option(
-                "--positive",
-                help="Screening-positive classes, comma-separated (default osteoporosis).",
-            ),
-        ] = None,
-        target_sensitivity: Annotated[
-            float | None,
-            typer.Option(
-                "--target-sensitivity",
-                help="Sensitivity the stored threshold reaches on held-out data.",
-            ),
-        ] = None,
-        covariates: Annotated[
-            Path | None,
-            typer.Option("--covariates", help="CSV with path (or file stem), age, sex per image."),
-        ] = None,
-        covariate_columns: Annotated[
-            str | None,
-            typer.Option(
-                "--covariate-columns", help="Column names in the covariates CSV: path,age,sex."
-            ),
-        ] = None,
-        device: Annotated[
-            str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
-        ] = "auto",
-        seed: Annotated[
-            int | None,
-            typer.Option("--seed", help="Random seed (splits, initialisation, augmentation)."),
-        ] = None,
-        weights: Annotated[
-            Path | None,
-            typer.Option(
-                "--weights", help="ImageNet weights file (.safetensors/.pth) for the architecture."
-            ),
-        ] = None,
-        random_init: Annotated[
-            bool,
-            typer.Option(
-                "--random-init", help="Train from random initialisation (no pretrained weights)."
-            ),
-        ] = False,
-        size: Annotated[int | None, typer.Option("--size", help="Input size in pixels.")] = None,
-        roi: Annotated[
-            str | None,
-            typer.Option(
-                "--roi",
-                help="Region fed to the model: none (whole image), knee_joint (one crop around "
-                "the joints) or knee_pair (each knee joint in its own square, side by side).",
-            ),
-        ] = None,
-        clahe: Annotated[
-            bool | None,
-            typer.Option("--clahe/--no-clahe", help="CLAHE contrast equalisation of the input."),
-        ] = None,
-        method: Annotated[
-            str | None,
-            typer.Option(
-                "--method",
-                help="finetune (two-stage fine-tuning) or probe (frozen backbone + regularised "
-                "logistic head: better on a few hundred images).",
-            ),
-        ] = None,
-        probe_c: Annotated[
-            float | None, typer.Option("--probe-c", help="Probe: inverse L2 strength.")
-        ] = None,
-        batch_size: Annotated[
-            int | None, typer.Option("--batch-size", help="Training batch size.")
-        ] = None,
-        name: Annotated[
-            str | None, typer.Option("--name", help="Model name (default: the --out folder name).")
-        ] = None,
-        body_part: Annotated[
-            str, typer.Option("--body-part", help="Body part the model serves: knee or spine.")
-        ] = "knee",
-        cache_dir: Annotated[
-            Path | None,
-            typer.Option("--cache-dir", help="Keep preprocessed images here between runs."),
-        ] = None,
-        threads: Annotated[
-            int | None, typer.Option("--threads", help="CPU threads for torch.")
-        ] = None,
-        quiet: Annotated[
-            bool, typer.Option("--quiet", "-q", help="Plain log lines instead of live progress.")
-        ] = False,
-    ) -> None:
-        """Fine-tune a calibrated CNN ensemble on labelled radiographs and write a model package."""
-        if body_part not in ("knee", "spine"):
-            raise UsageError("--body-part must be knee or spine")
-        if random_init and weights is not None:
-            raise UsageError("--random-init and --weights exclude each other")
-        cols = _csv_list(covariate_columns)
-        if cols is not None and len(cols) != 3:
-            raise UsageError("--covariate-columns needs three names: path,age,sex")
-        pre: dict[str, Any] = {}
-        if roi is not None:
-            pre["roi"] = roi
-        if clahe is not None:
-            pre["clahe"] = clahe
-        over: dict[str, Any] = {
-            "data": data, "out": out, "archs": tuple(arch) if arch else None, "folds": folds,
-            "epochs": epochs, "stage1_epochs": stage1_epochs, "unfreeze_blocks": unfreeze_blocks,
-            "lr": lr, "lr_stage2": lr_stage2, "optimizer": optimizer, "schedule": schedule,
-            "patience": patience, "positive": _csv_list(positive),
-            "target_sensitivity": target_sensitivity, "covariates_csv": covariates,
-            "covariate_columns": cols, "device": device, "seed": seed, "weights": weights,
-            "random_init": random_init or None, "size": size, "batch_size": batch_size,
-            "name": name or out.name, "body_parts": (body_part,), "cache_dir": cache_dir,
-            "num_threads": threads, "preprocess": pre or None, "command": _command_line(ctx),
-            "method": method, "probe_c": probe_c,
-        }  # fmt: skip
-        cfg = make_config(preset, **over)
-        if augment is not None:
-            cfg.augment.enabled = augment
-        if not data.exists():
-            raise UsageError(f"--data {data}: no such file or folder")
-        console = Console(stderr=True)
-        renderer = (
-            LogRenderer(console) if quiet or not console.is_terminal else RichRenderer(console)
-        )
-        from osteoscan.train.trainer import train  # heavy imports only when running
-
-        t0 = time.perf_counter()
-        try:
-            path = train(cfg, progress=renderer)
-        finally:
-            renderer.close()
-        _summary(Console(), path)
-        console.print(f"trained in {time.perf_counter() - t0:.1f} s → {path}", highlight=False)
+        ctx: typer.Context, data: DataOpt, out: OutOpt, arch: ArchOpt = None,
+        preset: PresetOpt = "default", folds: FoldsOpt = None, epochs: EpochsOpt = None,
+        stage1_epochs: Stage1Opt = None, unfreeze_blocks: UnfreezeOpt = None, lr: LrOpt = None,
+        lr_stage2: Lr2Opt = None, optimizer: OptimOpt = None, schedule: SchedOpt = None,
+        patience: PatienceOpt = None, augment: AugmentOpt = None, positive: PositiveOpt = None,
+        target_sensitivity: SensOpt = None, covariates: CovOpt = None,
+        covariate_columns: CovColsOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None,
+        weights: WeightsOpt = None, random_init: RandomOpt = False, size: SizeOpt = None,
+        roi: RoiOpt = None, clahe: ClaheOpt = None, method: MethodOpt = None,
+        probe_c: ProbeCOpt = None, batch_size: BatchOpt = None, name: NameOpt = None,
+        body_part: PartOpt = "knee", cache_dir: CacheOpt = None, threads: ThreadsOpt = None,
+        allow_unreadable: UnreadableOpt = False, quiet: QuietOpt = False,
+    ) -> None:  # fmt: skip
+        _run(ctx)  # the options arrive in ctx.params
