@@ -232,3 +232,30 @@ def test_redact_paths_writes_pseudonyms_everywhere(
     cfg.redact_paths = False  # switching it off re-exports real paths without rescoring
     s = run_scan(cfg)
     assert s.counts["ok"] == 0 and "Doe^Jane" in (tmp_path / "r.csv").read_text()
+
+
+def test_covariates_say_where_they_came_from_and_can_be_required(
+    pngs: Path, tiny_package: Callable[..., Path], tmp_path: Path
+) -> None:
+    from osteoscan.scan.score import MISSING_COVARIATES
+
+    raw = (synthetic.synthetic_knee(64, seed=3) * 65535).astype("uint16")
+    synthetic.write_dicom(pngs / "with_header.dcm", raw, bits_stored=16)  # header: 065Y, F
+    (tmp_path / "cov.csv").write_text("path,age,sex\nnobody.png,70,F\nk0.png,sixty,F\n")
+    cfg = ScanConfig(paths=[pngs], out=tmp_path / "r.csv", models=[str(tiny_package())],
+                     device="cpu", workers=0, body_part="knee",
+                     covariates=tmp_path / "cov.csv")  # fmt: skip
+    s = run_scan(cfg)
+    assert s.covariates == (
+        "age/sex for 7 images: 1 from DICOM headers, 1 from the covariates CSV, 5 none"
+    )
+    assert any("unusable" in w and "sixty" in w for w in s.warnings)
+    assert any("6 of 7 images have no row" in w for w in s.warnings)
+    cfg = ScanConfig(paths=[pngs], out=tmp_path / "req.csv", models=[str(tiny_package())],
+                     device="cpu", workers=0, body_part="knee",
+                     require_covariates=True)  # fmt: skip
+    run_scan(cfg)
+    rows = {Path(r["path"]).name: r for r in _rows(tmp_path / "req.csv")}
+    assert rows["with_header.dcm"]["status"] == "ok" and rows["with_header.dcm"]["p_normal"]
+    assert all(rows[f"k{i}.png"]["status"] == "error" for i in range(6))
+    assert rows["k0.png"]["reason"] == MISSING_COVARIATES and rows["k0.png"]["p_normal"] == ""

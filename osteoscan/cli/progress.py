@@ -80,6 +80,10 @@ class LogReporter:
         verb = "up to date" if s.written == [] else "wrote"
         self._line(f"{verb} {', '.join(outs)} (model {', '.join(s.models)}, device {s.device})")
         self._line(f"results hold {held(s)}")
+        if s.covariates:
+            self._line(s.covariates)
+        for warning in s.warnings:
+            self._line(f"warning: {warning}")
 
 
 class RichReporter:
@@ -132,12 +136,16 @@ class RichReporter:
         t.add_row("device", f"{s.device}, {s.workers} workers, batch {s.batch_size}")
         t.add_row("results", str(s.out) + (" (up to date)" if s.written == [] else ""))
         t.add_row("results hold", held(s))
+        if s.covariates:
+            t.add_row("covariates", s.covariates)
         t.add_row("flagged", str(s.flagged_out))
         if s.hdf5:
             t.add_row("hdf5", str(s.hdf5))
         if s.heatmaps_dir:
             t.add_row("heatmaps", str(s.heatmaps_dir))
         self.console.print(t)
+        for warning in s.warnings:
+            self.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 def make_reporter(quiet: bool, console: Console | None = None) -> LogReporter | RichReporter:

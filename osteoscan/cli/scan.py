@@ -55,6 +55,13 @@ def register(app: typer.Typer) -> None:
         covariate_columns: Annotated[
             str, typer.Option(help="Column names in --covariates: PATH,AGE,SEX.")
         ] = "path,age,sex",
+        require_covariates: Annotated[
+            bool,
+            typer.Option(
+                "--require-covariates",
+                help="An image without age and sex (header or CSV) is an error row, not scored.",
+            ),
+        ] = False,
         include: Annotated[
             list[str] | None, typer.Option(help="Only files matching this glob (repeatable).")
         ] = None,
@@ -97,7 +104,8 @@ def register(app: typer.Typer) -> None:
             heatmaps_for=heatmaps_for,  # type: ignore[arg-type]
             models=list(model or []), device=device, batch_size=batch_size, workers=workers,
             body_part=body_part, covariates=covariates,
-            covariate_columns=_columns(covariate_columns), include=list(include or []),
+            covariate_columns=_columns(covariate_columns),
+            require_covariates=require_covariates, include=list(include or []),
             exclude=list(exclude or []), threshold=threshold, force=force, quiet=quiet,
             state=state, include_phi=include_phi, redact_paths=redact_paths,
         )  # fmt: skip

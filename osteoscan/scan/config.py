@@ -42,6 +42,7 @@ class ScanConfig:
     body_part: str = "auto"
     covariates: str | Path | None = None
     covariate_columns: tuple[str, str, str] = ("path", "age", "sex")
+    require_covariates: bool = False
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
     threshold: float | None = None
@@ -99,6 +100,7 @@ class ScanSummary:
 
     ``counts`` are this run's new rows (``ok``/``skipped``/``error``/``flagged``) plus
     ``unchanged`` files; ``totals`` count what the results hold after the run (all rows).
+    ``covariates`` and ``warnings`` speak of the images scored in this run.
     """
 
     n_files: int
@@ -118,3 +120,6 @@ class ScanSummary:
     # outputs rewritten by this run ([] when all were already current)
     written: list[Path] = field(default_factory=list)
     totals: dict[str, int] = field(default_factory=dict)
+    # where the scored images' age/sex came from (one line), and problems a person should fix
+    covariates: str = ""
+    warnings: list[str] = field(default_factory=list)

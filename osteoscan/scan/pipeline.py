@@ -20,6 +20,7 @@ torch or a model is loaded: a nightly run over an unchanged archive costs a dire
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ from osteoscan.scan.state import ScanState
 from osteoscan.writers import flagged_path_for
 
 if TYPE_CHECKING:
+    from osteoscan.covariates import CovariateSummary
     from osteoscan.scan.score import LoadedModel
 
 __all__ = ["ScanConfig", "ScanEvent", "ScanSummary", "run_scan"]
@@ -100,7 +102,7 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
                       f"({n_ignored} ignored)" + (f"; heatmaps to add for {len(redo)} files"
                       if redo else ""))  # fmt: skip
         labels = [f"{m.name} {m.version}" for m in manifests]
-        device, workers, written = "none", 0, list[Path]()
+        device, workers, written, cov = "none", 0, list[Path](), None
         if todo or redo or not outputs_current(state, cfg):
             models, device, workers = _prepare(cfg, key)
             workers = min(workers, len(todo) + len(redo))
@@ -110,6 +112,7 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
             if redo and session.stop_signal is None:
                 written += run.score(redo, heatmaps_only=True)
             written += [p for p in _export(cfg, state, models) if p not in written]
+            cov = _covariate_summary(cfg, run) if todo else None
             session.raise_if_stopped()
         state.set_meta(HEATMAP_META, heatmap_options(cfg))  # complete: every row has its maps
         progress.counts["unchanged"] = state.summary()["unchanged"]
@@ -122,7 +125,22 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         hdf5=Path(cfg.hdf5) if cfg.hdf5 else None,
         heatmaps_dir=Path(cfg.heatmaps_dir) if cfg.heatmaps_dir else None, models=labels,
         device=device, workers=workers, batch_size=cfg.batch_size, written=written, totals=totals,
+        covariates=cov.line() if cov else "", warnings=cov.warnings() if cov else [],
     )  # fmt: skip
+
+
+def _covariate_summary(cfg: ScanConfig, run: _Run) -> CovariateSummary:
+    """Where this run's age/sex came from; with --redact-paths no file name appears in it."""
+    summary = run.scorer.tally.summary()
+    if not cfg.redact_paths:
+        return summary
+    hidden = "[redacted]"
+    return dataclasses.replace(
+        summary,
+        unmatched_rows=(hidden,) * len(summary.unmatched_rows),
+        images_without_row=(hidden,) * len(summary.images_without_row),
+        unusable=tuple((hidden, col, val) for _, col, val in summary.unusable),
+    )
 
 
 def _prepare(cfg: ScanConfig, key: str) -> tuple[list[LoadedModel], str, int]:

@@ -27,6 +27,11 @@ from osteoscan.rows import ResultRow, ScoredRow, utc_now
 from osteoscan.scan.config import ScanConfig
 from osteoscan.writers import heatmap_name
 
+MISSING_COVARIATES = (
+    "no age and sex for this image: neither its DICOM header nor the covariates CSV gives both "
+    "(--require-covariates)"
+)
+
 if TYPE_CHECKING:
     import torch
 
@@ -69,14 +74,12 @@ class Scorer:
     """Scores collated batches with the loaded models (see the module docstring)."""
 
     def __init__(self, cfg: ScanConfig, models: Sequence[LoadedModel]) -> None:
+        from osteoscan.covariates import CovariateTally
+
         self.cfg = cfg
         self.models = list(models)
-        self.table = None
-        if cfg.covariates:
-            from osteoscan.covariates import CovariateTable
-
-            p, a, s = cfg.covariate_columns
-            self.table = CovariateTable.from_csv(cfg.covariates, path_col=p, age_col=a, sex_col=s)
+        # resolves each scored image's age/sex (header, then CSV) and counts where they came from
+        self.tally = CovariateTally.from_csv(cfg.covariates, cfg.covariate_columns)
         heat_all = cfg.heatmaps_dir is not None and cfg.heatmaps_for == "all"
         self.heatmaps_same_pass = heat_all or (cfg.hdf5 is not None and cfg.hdf5_heatmaps)
         self.heatmaps_flagged = cfg.heatmaps_dir is not None and cfg.heatmaps_for == "flagged"
@@ -85,9 +88,7 @@ class Scorer:
         """Header covariates, overridden field by field by the covariates CSV; None if none."""
         from osteoscan.covariates import Covariates
 
-        cov = Covariates(age=rec.age, sex=rec.sex)
-        if self.table is not None:
-            cov = cov.override(self.table.lookup(rec.path, rec.root))
+        cov = self.tally.resolve(Covariates(age=rec.age, sex=rec.sex), rec.path, rec.root)
         return None if cov.is_empty() else cov
 
     def score(self, batch: FrameBatch) -> list[ScoredRow]:
@@ -112,6 +113,14 @@ class Scorer:
     ) -> None:
         m, cfg = self.models[p], self.cfg
         covs = [self.covariates_for(records[i]) for i in idx]
+        if cfg.require_covariates:  # an image without age and sex is an error row, not scored
+            keep = [k for k, c in enumerate(covs) if c is not None and None not in (c.age, c.sex)]
+            for k in sorted(set(range(len(idx))) - set(keep)):
+                row = out[idx[k]].row
+                row.status, row.reason = "error", MISSING_COVARIATES
+            idx, covs, x = [idx[k] for k in keep], [covs[k] for k in keep], x[keep]
+            if not idx:
+                return
         # Heatmaps come from the scoring pass itself: for every row when all are wanted (HDF5,
         # --heatmaps-for all), else "flagged": the ensemble opens the Grad-CAM forward for the
         # batch and backpropagates only the rows its fused score flags (about inference cost).
