@@ -118,10 +118,16 @@ def _set_final_linear(model: nn.Module, name: str, num_classes: int) -> None:
     setattr(get_module(model, parent_path), attr, new)
 
 
+def set_plain_attr(module: nn.Module, name: str, value: object) -> None:
+    """Set a plain (non-tensor) attribute such as ``inplace`` or ``pretrained_source``
+    (``nn.Module.__setattr__`` is typed for tensors and sub-modules only)."""
+    setattr(module, name, value)
+
+
 def _disable_inplace(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "inplace", False) is True:
-            module.inplace = False
+            set_plain_attr(module, "inplace", False)
 
 
 def create_model(
@@ -160,8 +166,8 @@ def create_model(
     _disable_inplace(model)
     if weights is not None:
         load_pretrained(model, spec, weights, source)
-    model.osteoscan_arch = name
-    model.pretrained_source = source
+    set_plain_attr(model, "osteoscan_arch", name)
+    set_plain_attr(model, "pretrained_source", source)
     return model
 
 

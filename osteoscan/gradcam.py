@@ -204,7 +204,7 @@ def overlay(
         raise ValueError(f"expected a (H, W) image, got shape {img.shape}")
     scale = 255.0 / (U16_MAX if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0)
     grey = np.clip(img.astype(np.float32) * scale, 0, 255).astype(np.uint8)
-    hm = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0)
+    hm: np.ndarray = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0)
     if hm.shape != grey.shape:
         hm = cv2.resize(hm, (grey.shape[1], grey.shape[0]), interpolation=cv2.INTER_LINEAR)
     hm8 = np.clip(hm * 255.0, 0, 255).astype(np.uint8)

@@ -210,7 +210,7 @@ def load_package(ref: str | Path | None, device: str | torch.device = "cpu") -> 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from osteoscan.archs import create_model
+    from osteoscan.archs import create_model, set_plain_attr
 
     path = resolve_package(ref)
     manifest = read_manifest(path)
@@ -229,6 +229,6 @@ def load_package(ref: str | Path | None, device: str | torch.device = "cpu") -> 
             raise ModelIntegrityError(
                 f"{wpath} does not fit architecture {spec.arch}: {exc}"
             ) from exc
-        model.pretrained_source = spec.pretrained or "package"
+        set_plain_attr(model, "pretrained_source", spec.pretrained or "package")
         models.append(model.to(device).eval())
     return ModelPackage(path=path, manifest=manifest, members=models)

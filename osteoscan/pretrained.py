@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -183,7 +184,7 @@ def _timm_cached(spec: ArchSpec) -> Path | None:
                 hit = try_to_load_from_cache(cfg.hf_hub_id, fname)
                 if isinstance(hit, str):
                     return Path(hit)
-        if cfg.url:
+        if isinstance(cfg.url, str) and cfg.url:  # typed str | tuple; timm uses str
             local = _hub_checkpoints() / cfg.url.rsplit("/", 1)[-1]
             if local.is_file():
                 return local
@@ -245,7 +246,7 @@ def unavailable_message(spec: ArchSpec) -> str:
 
 
 def resolve_weights(
-    spec: ArchSpec, pretrained: bool | str | Path, *, allow_download: bool = False
+    spec: ArchSpec, pretrained: Literal[True] | str | Path, *, allow_download: bool = False
 ) -> tuple[StateDict, str]:
     """ImageNet (``True``) or file weights for ``spec`` and where they came from.
 

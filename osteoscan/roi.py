@@ -198,7 +198,7 @@ def detect_knee_joint(image: np.ndarray) -> KneeROI:
         h, w = (image.shape[:2] + (1, 1))[:2] if image.ndim >= 1 else (1, 1)
         return _fallback(max(h, 1), max(w, 1), f"unsupported image shape {image.shape}")
     h, w = image.shape
-    img = np.nan_to_num(np.asarray(image, np.float32))
+    img: np.ndarray = np.nan_to_num(np.asarray(image, np.float32))
     scale = WORK_SIDE / max(h, w)
     if scale < 1.0:
         img = cv2.resize(
