@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from osteoscan.constants import U16_MAX
 from osteoscan.train.recipe import AugmentConfig
 
 __all__ = ["RandomAffine", "affine_matrices"]
@@ -88,6 +89,6 @@ class RandomAffine:
         if x.dtype.is_floating_point:
             out = out.to(x.dtype)
         else:
-            hi = 255.0 if x.dtype == torch.uint8 else 65535.0
+            hi = 255.0 if x.dtype == torch.uint8 else U16_MAX
             out = out.round_().clamp_(0.0, hi).to(x.dtype)
         return out.squeeze(1) if squeeze else out

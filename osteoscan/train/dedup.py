@@ -34,6 +34,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from osteoscan.constants import U16_MAX
 from osteoscan.hashing import file_sha256
 from osteoscan.train.data import LabelledSample
 
@@ -129,7 +130,7 @@ def pixel_hash(image: np.ndarray) -> str:
     img = np.ascontiguousarray(image, dtype=np.float32)
     # 16-bit quantisation absorbs float rounding (8-bit x/255 vs 16-bit 257x/65535) but keeps
     # every distinction a 16-bit radiograph can carry.
-    q = np.round(np.clip(img, 0.0, 1.0) * 65535.0).astype("<u2")
+    q = np.round(np.clip(img, 0.0, 1.0) * U16_MAX).astype("<u2")
     return hashlib.sha256(f"{q.shape}".encode() + q.tobytes()).hexdigest()
 
 
@@ -312,7 +313,7 @@ def _default_read(path: Path) -> np.ndarray | None:
         return None
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY if img.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    scale = U16_MAX if img.dtype == np.uint16 else 255.0
     return img.astype(np.float32) / scale
 
 
