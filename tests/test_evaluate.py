@@ -194,3 +194,114 @@ def test_cli_usage_errors(labelled: tuple[Path, Path], package: Path, tmp_path: 
             ]
         )
     assert exc.value.code == 2
+
+
+KNEE = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-xray"
+
+
+def _knees(root: Path, seed: int, per_class: int = 6) -> Path:
+    for c, (label, density) in enumerate((("normal", 1.0), ("osteoporosis", 0.3))):
+        for i in range(per_class):
+            img = synthetic_knee(64, seed=seed + 40 * c + i, density=density)
+            write_png(root / label / f"{label[:3]}{i}.png", img)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(training folder, the package trained on it: 2 folds, so every image was trained on)."""
+    from osteoscan.train.recipe import make_config
+    from osteoscan.train.trainer import train
+
+    data = _knees(tmp_path_factory.mktemp("train"), seed=0)
+    cfg = make_config(
+        None, data=data, out=tmp_path_factory.mktemp("pkg") / "fp", archs=("tiny_cnn",),
+        random_init=True, size=32, epochs=1, stage1_epochs=0, batch_size=4, n_boot=10,
+        folds=2, read_workers=1, name="fp",
+    )  # fmt: skip
+    return data, train(cfg)
+
+
+def test_package_records_training_fingerprints(trained: tuple[Path, Path]) -> None:
+    from osteoscan.hashing import file_sha256
+    from osteoscan.package import read_manifest
+    from osteoscan.train.fingerprints import TrainingFingerprints
+
+    data, pkg = trained
+    fps = TrainingFingerprints.from_record(read_manifest(pkg).training_fingerprints)
+    assert fps is not None and len(fps) == 12
+    assert all(fps.match(file_sha256(p)) == "file" for p in data.rglob("*.png"))
+
+
+def test_evaluate_warns_on_training_images(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    import cv2
+
+    from osteoscan.evaluate import evaluate_model
+
+    data, pkg = trained
+    rep = evaluate_model(data, pkg, n_boot=0)
+    ov = rep["training_overlap"]
+    assert ov["checked"] and ov["n_images"] == 12 == ov["same_file"] and ov["n_scored"] == 12
+    assert (
+        rep["warnings"]
+        and "12 of 12 scored images were in the model's training" in rep["warnings"][0]
+    )
+    # New images: no overlap. The same pixels re-encoded (other bytes): found by pixel hash.
+    fresh = _knees(tmp_path / "new", seed=500)
+    src = data / "normal" / "nor0.png"
+    again = fresh / "normal" / "copy.png"
+    cv2.imwrite(
+        str(again), cv2.imread(str(src), cv2.IMREAD_UNCHANGED), [cv2.IMWRITE_PNG_COMPRESSION, 0]
+    )
+    assert again.read_bytes() != src.read_bytes()
+    rep = evaluate_model(fresh, pkg, n_boot=0)
+    ov = rep["training_overlap"]
+    assert (ov["n_images"], ov["same_file"], ov["same_pixels"]) == (1, 0, 1)
+    assert ov["n_scored"] == 13 and len(rep["warnings"]) == 1
+
+
+def test_evaluate_cli_prints_the_overlap_warning(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from osteoscan.cli import app
+
+    data, pkg = trained
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(
+        app, ["evaluate", "--data", str(data), "--model", str(pkg), "--bootstrap", "0",
+              "--out", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "warning: 12 of 12 scored images were in the model's training data" in res.output
+    assert json.loads(out.read_text())["training_overlap"]["n_images"] == 12
+
+
+def test_older_package_without_fingerprints_is_not_checked(
+    labelled: tuple[Path, Path], package: Path
+) -> None:
+    from osteoscan.evaluate import evaluate_model
+
+    rep = evaluate_model(labelled[0], package, n_boot=0)
+    assert rep["training_overlap"]["checked"] is False
+    assert not any("training data" in w for w in rep["warnings"])
+
+
+@pytest.mark.skipif(not KNEE.is_dir(), reason="../shared/data/knee-xray not present")
+def test_default_model_warns_on_its_own_training_images(tmp_path: Path) -> None:
+    """The bundled model was trained on knee-xray: evaluating on those images says so."""
+    from osteoscan.evaluate import evaluate_model
+    from osteoscan.package import read_manifest, resolve_package
+
+    split = read_manifest(resolve_package("knee-default")).training_data["split"]
+    trained = split["folds"][0]["train"]["paths"]  # relative to the knee-xray folder
+    picks = [KNEE / r for c in ("normal/", "osteoporosis/") for r in trained if r.startswith(c)][
+        ::10
+    ][:6]
+    # An image left out of training (a conflicting duplicate) is not reported as seen.
+    left_out = [KNEE / r for r in split["excluded"]][:1]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in picks + left_out))
+    rep = evaluate_model(labels, "knee-default", n_boot=0, device="cpu")
+    n = len(picks)
+    assert rep["training_overlap"]["n_images"] == n == rep["data"]["n_scored"] - 1 >= 4
+    assert f"{n} of {n + 1} scored images were in the model's training data" in rep["warnings"][0]
