@@ -82,3 +82,22 @@ def test_show_unknown_and_tampered(models_dir: Path) -> None:
     result = runner.invoke(app, ["models", "show", "knee-test", "--verify"])
     assert result.exit_code == 1 and weights.name in result.output
     assert runner.invoke(app, ["models", "show", "knee-test"]).exit_code == 0
+
+
+def test_show_and_list_lines_are_not_padded(models_dir: Path) -> None:
+    """Piped output: no line carries trailing spaces (a grid padded them to ~255 characters)."""
+    _save(models_dir, "knee-test")
+    for args in (["models", "show", "knee-test"], ["models", "list"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert lines and not [ln for ln in lines if ln != ln.rstrip()], args
+    show = runner.invoke(app, ["models", "show", "knee-test"]).output.splitlines()
+    assert show[0].split() == ["name", "knee-test", "0.3.1"]
+
+
+def test_help_shows_no_bool_metavars() -> None:
+    result = runner.invoke(app, ["models", "show", "-h"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0
+    options = [ln for ln in result.output.splitlines() if "--help" not in ln]
+    assert "--verify" in result.output and not [ln for ln in options if "<bool>" in ln]

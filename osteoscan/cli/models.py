@@ -73,7 +73,8 @@ def _list() -> None:
             "or set OSTEOSCAN_MODELS to a folder holding packages."
         )
         return
-    table = Table(title="osteoscan model packages")
+    typer.echo("osteoscan model packages")  # not a table title: Rich pads titles with spaces
+    table = Table()
     for col in ("name", "version", "classes", "body parts", "members", "threshold", "path"):
         table.add_column(col, overflow="fold")
     for path, m in packages:
@@ -104,9 +105,6 @@ def _show(name: str, as_json: bool, verify: bool) -> None:
         return
     m = manifest
     con = _console()
-    info = Table.grid(padding=(0, 2))
-    info.add_column(style="bold")
-    info.add_column(overflow="fold")
     card = Path(path) / "card.md"
     td = m.training_data
     rows = [
@@ -128,10 +126,13 @@ def _show(name: str, as_json: bool, verify: bool) -> None:
         ("card", str(card) if card.is_file() else "none"),
         ("weights", "sha256 verified" if verify else "not verified (use --verify)"),
     ]  # fmt: skip
+    # Plain "key  value" lines: a table grid would pad every line to the longest value (the
+    # training command, ~250 characters) with trailing spaces.
+    width = max(len(key) for key, _ in rows)
     for key, value in rows:
-        info.add_row(key, value)
-    con.print(info)
-    members = Table(title="members")
+        typer.echo(f"{key:<{width}}  {value}".rstrip())
+    typer.echo("members")  # not a table title: Rich pads titles to the table's width
+    members = Table()
     for col in ("#", "arch", "input", "temperature", "fold", "dtype", "weights", "sha256"):
         members.add_column(col, overflow="fold")
     for i, s in enumerate(m.members):
@@ -158,9 +159,12 @@ def list_cmd() -> None:
 @models_app.command("show")
 def show_cmd(
     name: Annotated[str, typer.Argument(help="Package name (see `osteoscan models`) or folder.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the manifest as JSON.", metavar="")
+    ] = False,
     verify: Annotated[
-        bool, typer.Option("--verify", help="Check every weights file against its sha256.")
+        bool,
+        typer.Option("--verify", help="Check every weights file against its sha256.", metavar=""),
     ] = False,
 ) -> None:
     """Manifest summary of one package, with the path of its model card."""
