@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -155,3 +157,16 @@ def test_invert_monochrome_roundtrip(tmp_path) -> None:
     assert ds2.PhotometricInterpretation == "MONOCHROME2"
     np.testing.assert_array_equal(ds2.pixel_array.astype(int), 4095 - ds1.pixel_array.astype(int))
     assert float(ds2.WindowCenter) == 4095 + 1 - 1500
+
+
+def test_only_the_benchmark_imports_the_test_helpers_at_run_time() -> None:
+    """Scanning, training and evaluating never depend on osteoscan.testing."""
+    import osteoscan
+
+    root = Path(osteoscan.__file__).parent
+    users = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if "testing" not in p.relative_to(root).parts and "osteoscan.testing" in p.read_text()
+    )
+    assert users == ["bench.py"]
