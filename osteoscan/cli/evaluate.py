@@ -70,6 +70,46 @@ def _print_notes(out: Console, report: dict[str, Any]) -> None:
         out.print(f"[bold yellow]warning:[/bold yellow] {escape(text)}", soft_wrap=True)
 
 
+def _evaluate(quiet: bool, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`osteoscan.evaluate.evaluate_model` with a progress bar on a terminal."""
+    from osteoscan.evaluate import evaluate_model
+
+    console = Console(stderr=True)
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console, disable=quiet or not console.is_terminal) as bar:
+        task = bar.add_task("scoring images", total=None)
+        return evaluate_model(
+            *args, **kwargs,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )  # fmt: skip
+
+
+def _render(stdout: Console, report: dict[str, Any]) -> None:
+    """The report for people: headline, notes and warnings, metric tables, files not scored."""
+    m = report["model"]
+    stdout.print(
+        f"model {m['name']} {m['version']} · {report['data']['n_scored']} of "
+        f"{report['data']['n_images']} images scored · threshold {report['threshold']:.3f}"
+    )
+    _print_notes(stdout, report)
+    if report["class_mapping"]["mode"] != "direct":
+        stdout.print(f"note: {report['class_mapping']['note']}")
+    if report["covariates"]["model_uses"] and not report["covariates"]["n_fused"]:
+        stdout.print(
+            "note: no image had age/sex (DICOM header or --covariates): image-only scores, "
+            "at the image-only threshold"
+        )
+    for name, metrics in report["variants"].items():
+        stdout.print(_table(VARIANT_TITLES.get(name, name), metrics))
+    stdout.print(_confusion(report, VARIANT_TITLES.get(report["primary"], report["primary"])))
+    for status, word in (("errors", "unreadable"), ("skipped", "skipped")):
+        for rec in report[status][:10]:
+            frame = f" frame {rec['frame']}" if rec["frame"] else ""
+            text = escape(f"{rec['path']}{frame}: {rec['reason']}")
+            stdout.print(f"[yellow]{word}[/yellow] {text}", soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `evaluate` command to the app."""
 
@@ -117,57 +157,15 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Score labelled images with a model and report metrics with 95 % intervals."""
-        from osteoscan.evaluate import evaluate_model
-
         cols = [c.strip() for c in covariate_columns.split(",")]
         if len(cols) != 3 or not all(cols):
             raise UsageError("--covariate-columns needs three comma-separated names: path,age,sex")
-        console = Console(stderr=True)
-        show = not quiet and console.is_terminal
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not show,
-        ) as bar:
-            task = bar.add_task("scoring images", total=None)
-            report = evaluate_model(
-                data,
-                model,
-                covariates_csv=covariates,
-                covariate_columns=cols,
-                device=device,
-                batch_size=batch_size,
-                n_boot=n_boot,
-                seed=seed,
-                body_part=body_part,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
+        report = _evaluate(
+            quiet, data, model, covariates_csv=covariates, covariate_columns=cols, device=device,
+            batch_size=batch_size, n_boot=n_boot, seed=seed, body_part=body_part,
+        )  # fmt: skip
         stdout = Console(width=max(Console().width, 100), highlight=False)
-        m = report["model"]
-        stdout.print(
-            f"model {m['name']} {m['version']} · {report['data']['n_scored']} of "
-            f"{report['data']['n_images']} images scored · threshold {report['threshold']:.3f}"
-        )
-        _print_notes(stdout, report)
-        if report["class_mapping"]["mode"] != "direct":
-            stdout.print(f"note: {report['class_mapping']['note']}")
-        if report["covariates"]["model_uses"] and not report["covariates"]["n_fused"]:
-            stdout.print(
-                "note: no image had age/sex (DICOM header or --covariates): image-only scores, "
-                "at the image-only threshold"
-            )
-        for name, metrics in report["variants"].items():
-            title = VARIANT_TITLES.get(name, name)
-            stdout.print(_table(title, metrics))
-        stdout.print(_confusion(report, VARIANT_TITLES.get(report["primary"], report["primary"])))
-        for status, word in (("errors", "unreadable"), ("skipped", "skipped")):
-            for rec in report[status][:10]:
-                frame = f" frame {rec['frame']}" if rec["frame"] else ""
-                text = escape(f"{rec['path']}{frame}: {rec['reason']}")
-                stdout.print(f"[yellow]{word}[/yellow] {text}", soft_wrap=True)
+        _render(stdout, report)
         if out is not None:
             _write_json(out, report)
             stdout.print(f"report written to {out}")

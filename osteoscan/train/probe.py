@@ -82,6 +82,35 @@ def _fold_into_linear(
             layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
 
 
+def _fit_head(
+    features: np.ndarray, y: np.ndarray, n_components: int, c: float, seed: int
+) -> tuple[StandardScaler, PCA | None, LogisticRegression]:
+    """Standardise → PCA (capped by the sample count) → balanced L2 logistic regression."""
+    scaler = StandardScaler().fit(features)
+    z = scaler.transform(features)
+    k = min(n_components, z.shape[0] - 1, z.shape[1])
+    pca = PCA(n_components=k, random_state=seed).fit(z) if k >= 1 else None
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+    clf.fit(pca.transform(z) if pca is not None else z, y)
+    return scaler, pca, clf
+
+
+def _checked_logits(
+    layer: nn.Linear, f_val: np.ndarray, scaler: StandardScaler, pca: PCA | None,
+    clf: LogisticRegression,
+) -> np.ndarray:  # fmt: skip
+    """Validation logits of the folded layer, checked against sklearn's own predictions."""
+    with torch.no_grad():
+        val_logits = layer(torch.as_tensor(f_val, dtype=layer.weight.dtype)).numpy()
+    if len(f_val):
+        z = scaler.transform(f_val)
+        ref = clf.predict_log_proba(pca.transform(z) if pca is not None else z)
+        got = log_softmax(val_logits[:, clf.classes_].astype(np.float64), axis=1)
+        if not np.allclose(got, ref, atol=1e-3):
+            raise RuntimeError("linear-probe folding does not reproduce the fitted model")
+    return val_logits
+
+
 def fit_linear_probe(
     model: nn.Module,
     arch: str,
@@ -111,60 +140,30 @@ def fit_linear_probe(
     L2 strength; ``n_components`` the PCA size (capped by the sample count).
     """
     kw: dict[str, Any] = {
-        "mean": mean,
-        "std": std,
-        "device": device,
-        "channels_last": channels_last,
-    }
+        "mean": mean, "std": std, "device": device, "channels_last": channels_last
+    }  # fmt: skip
     f_tr = extract_features(model, arch, train_x, **kw)
     y_tr = np.asarray(train_y)
     if flip:
-        f_tr = np.vstack(
-            [f_tr, extract_features(model, arch, torch.flip(train_x, dims=[-1]), **kw)]
-        )
-        y_tr = np.concatenate([y_tr, y_tr])
-    scaler = StandardScaler().fit(f_tr)
-    z = scaler.transform(f_tr)
-    k = min(n_components, z.shape[0] - 1, z.shape[1])
-    pca = PCA(n_components=k, random_state=seed).fit(z) if k >= 1 else None
-    p = pca.transform(z) if pca is not None else z
-    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
-    clf.fit(p, y_tr)
+        flipped = extract_features(model, arch, torch.flip(train_x, dims=[-1]), **kw)
+        f_tr, y_tr = np.vstack([f_tr, flipped]), np.concatenate([y_tr, y_tr])
+    scaler, pca, clf = _fit_head(f_tr, y_tr, n_components, c, seed)
     _, layer = final_linear(model, arch)
     _fold_into_linear(layer, scaler, pca, clf, n_classes)
-
     # The folded network must reproduce sklearn exactly (up to float32): check, never assume.
-    f_val = extract_features(model, arch, val_x, **kw)
-    with torch.no_grad():
-        val_logits = layer(torch.as_tensor(f_val, dtype=layer.weight.dtype)).numpy()
-    if len(f_val):
-        ref = clf.predict_log_proba(
-            pca.transform(scaler.transform(f_val)) if pca else scaler.transform(f_val)
-        )
-        got = log_softmax(val_logits[:, clf.classes_].astype(np.float64), axis=1)
-        if not np.allclose(got, ref, atol=1e-3):
-            raise RuntimeError("linear-probe folding does not reproduce the fitted model")
+    val_logits = _checked_logits(
+        layer, extract_features(model, arch, val_x, **kw), scaler, pca, clf
+    )
     probs = torch.softmax(torch.as_tensor(val_logits), 1).numpy()
     auc = positive_auc(np.asarray(val_y), probs, positive_idx) if len(val_logits) else float("nan")
     history = [{"epoch": 1, "member": member, "val_auc": auc, "stage": "probe"}]
+    k = pca.n_components_ if pca is not None else 0
     if progress is not None:
-        progress(
-            TrainEvent(
-                kind="epoch_end",
-                member=member,
-                n_members=n_members,
-                stage="probe",
-                epoch=1,
-                n_epochs=1,
-                metrics={"val_auc": auc},
-                message=f"linear probe on {f_tr.shape[1]} features, PCA {k}, C={c}",
-            )
-        )
+        progress(TrainEvent(
+            kind="epoch_end", member=member, n_members=n_members, stage="probe", epoch=1,
+            n_epochs=1, metrics={"val_auc": auc},
+            message=f"linear probe on {f_tr.shape[1]} features, PCA {k}, C={c}",
+        ))  # fmt: skip
     state = {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()}
-    return FitResult(
-        state_dict=state,
-        history=history,
-        best_epoch=1,
-        best_val_auc=float(auc),
-        val_logits=val_logits.astype(np.float32),
-    )
+    return FitResult(state_dict=state, history=history, best_epoch=1, best_val_auc=float(auc),
+                     val_logits=val_logits.astype(np.float32))  # fmt: skip
