@@ -9,9 +9,9 @@ Two layouts are accepted (``--data DIR|CSV``):
   one patient stay on one side of a split. Files at the top of ``DIR`` (README, CSV) are ignored.
 - **Labels CSV**: columns ``path,label[,group]``; ``path`` relative to the CSV's folder or absolute.
 
-Images are recognised by content (``osteoscan.discover.sniff``) when that module is available,
-else by extension. Classes come back in the canonical order ``normal, osteopenia, osteoporosis``
-(only those present); binary sets (e.g. normal vs osteoporosis) are fine.
+Images are recognised by content (``osteoscan.discover.sniff``), as ``scan`` does. Classes come
+back in the canonical order ``normal, osteopenia, osteoporosis`` (only those present); binary
+sets (e.g. normal vs osteoporosis) are fine.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ CLASS_ALIASES: dict[str, tuple[str, ...]] = {
 _ALIAS_TO_CLASS: dict[str, str] = {
     alias: cls for cls, aliases in CLASS_ALIASES.items() for alias in aliases
 }
-
-_IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".j2k"}
 
 
 @dataclass(frozen=True)
@@ -71,10 +69,8 @@ def order_classes(labels: set[str] | list[str]) -> list[str]:
 
 
 def _is_image(path: Path) -> bool:
-    try:
-        from osteoscan.discover import sniff  # A2's content sniffer, when available
-    except ImportError:
-        return path.suffix.casefold() in _IMAGE_SUFFIXES
+    from osteoscan.discover import sniff  # content, not the extension, says what a file is
+
     kind, _ = sniff(path)
     # "broken" files (claimed image, bad content) are kept: the reader turns them into errors
     # that the caller reports, instead of silently shrinking the data set.

@@ -296,25 +296,12 @@ def find_duplicates(
 
 
 def _default_read(path: Path) -> np.ndarray | None:
-    """First frame of a file as a float image, via the package readers (OpenCV as a fallback)."""
-    try:
-        from osteoscan.readers import read_frames
-    except ImportError:
-        read_frames = None  # type: ignore[assignment]
-    if read_frames is not None:
-        try:
-            frames = read_frames(path)
-        except Exception:  # readers never raise by contract; be safe in a batch tool anyway
-            return None
-        ok = [f for f in frames if f.status == "ok" and f.image is not None]
-        return ok[0].image if ok else None
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        return None
-    if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY if img.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
-    scale = U16_MAX if img.dtype == np.uint16 else 255.0
-    return img.astype(np.float32) / scale
+    """First usable frame of a file, read under the per-file guards (training reads every frame
+    through :mod:`osteoscan.load`; this helper only fingerprints whole files)."""
+    from osteoscan.guards import guarded_read
+
+    ok = [f for f in guarded_read(path) if f.status == "ok" and f.image is not None]
+    return ok[0].image if ok else None
 
 
 def fingerprint_files(
