@@ -305,3 +305,21 @@ def test_default_model_warns_on_its_own_training_images(tmp_path: Path) -> None:
     n = len(picks)
     assert rep["training_overlap"]["n_images"] == n == rep["data"]["n_scored"] - 1 >= 4
     assert f"{n} of {n + 1} scored images were in the model's training data" in rep["warnings"][0]
+
+
+def test_evaluate_says_where_covariates_came_from(
+    labelled: tuple[Path, Path], package: Path, tmp_path: Path
+) -> None:
+    from osteoscan.evaluate import evaluate_model
+
+    data, csv = labelled
+    rep = evaluate_model(data, package, covariates_csv=csv, n_boot=0)
+    src = rep["covariates"]["sources"]
+    assert (src["n_images"], src["from_csv"], src["none"]) == (15, 14, 1)
+    assert src["warnings"] == [] and rep["warnings"] == []
+    other = tmp_path / "other.csv"
+    other.write_text("path,age,sex\nP001,sixty,F\nP002,70,X\n")
+    rep = evaluate_model(data, package, covariates_csv=other, n_boot=0)
+    assert rep["covariates"]["sources"]["none"] == 15 and rep["covariates"]["n_fused"] == 0
+    assert any("none of its 2 rows matches an image" in w for w in rep["warnings"])
+    assert any("2 unusable value(s)" in w and "'sixty'" in w for w in rep["warnings"])
