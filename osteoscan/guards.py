@@ -73,7 +73,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         and hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
     )
-    if not usable:
+    if not usable or seconds is None:
         yield
         return
 
@@ -230,7 +230,9 @@ def guarded_read(
     """
     lim = limits or GuardLimits()
     if reader is None:
-        from osteoscan.readers import read_frames as reader
+        from osteoscan.readers import read_frames
+
+        reader = read_frames
     try:
         size = os.stat(path).st_size
     except OSError as exc:

@@ -33,7 +33,8 @@ import numpy as np
 
 from osteoscan.frames import ImageFrame, Status
 from osteoscan.gate import GateCode, decide
-from osteoscan.preprocess import PreprocessConfig, preprocess
+from osteoscan.geometry import InputGeometry, display_copy
+from osteoscan.preprocess import PreprocessConfig, preprocess_with_geometry
 from osteoscan.scan.routing import Router
 
 Reader = Callable[..., list[ImageFrame]]
@@ -66,6 +67,10 @@ class LoadedFrame:
     pixels: np.ndarray | None = None
     image: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # where the model input lies in the image, and a small uint8 copy of the image to draw a
+    # heatmap on (only when the loader keeps them: scans that write heatmap PNGs)
+    geometry: InputGeometry | None = None
+    display: np.ndarray | None = None
     body_part_reason: str = ""
     gate: GateCode | None = None
     gate_reason: str = ""
@@ -88,13 +93,15 @@ class Loader:
 
     ``preprocess_cfgs[p]`` is the preprocessing of package ``p``; ``router`` picks ``p`` per frame.
     ``read`` replaces the default guarded reader (the scan engine passes one that also keeps an
-    in-flight log for its watchdog). ``keep_image`` keeps the frame as read on ``ok`` records.
+    in-flight log for its watchdog). ``keep_image`` keeps the frame as read on ``ok`` records;
+    ``keep_display`` keeps a small copy of it and the input geometry, for heatmap overlays.
     """
 
     router: Router
     preprocess_cfgs: Sequence[PreprocessConfig]
     read: Reader | None = None
     keep_image: bool = False
+    keep_display: bool = False
 
     def __call__(
         self, path: str | Path, kind: str | None = None, root: str | Path = ""
@@ -128,7 +135,8 @@ class Loader:
             rec.status, rec.reason = "skipped", route.reason
             return rec
         try:
-            rec.pixels = preprocess(image, self.preprocess_cfgs[route.package])
+            cfg = self.preprocess_cfgs[route.package]
+            rec.pixels, geometry = preprocess_with_geometry(image, cfg)
         except Exception as exc:  # noqa: BLE001 - an odd image becomes an error row
             why = f"{type(exc).__name__}: {exc}"
             rec.status = "error"
@@ -140,6 +148,8 @@ class Loader:
         rec.package = route.package
         if self.keep_image:
             rec.image = fr.image
+        if self.keep_display:
+            rec.geometry, rec.display = geometry, display_copy(image)
         return rec
 
     @staticmethod

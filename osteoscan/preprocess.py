@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from osteoscan.constants import IMAGENET_MEAN, IMAGENET_STD, U16_MAX
+from osteoscan.geometry import InputGeometry
 from osteoscan.roi import detect_knee_joint, knee_pair
 
 
@@ -87,6 +88,18 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> np.nda
     """Turn a reader's float image (H, W) in [0, 1], bone bright, into model input.
 
     Returns a ``uint16`` array of shape ``(cfg.size, cfg.size)``. Pure: same input, same output.
+    (:func:`preprocess_with_geometry` also says where the input came from in the image.)
+    """
+    return preprocess_with_geometry(image, cfg)[0]
+
+
+def preprocess_with_geometry(
+    image: np.ndarray, cfg: PreprocessConfig | None = None
+) -> tuple[np.ndarray, InputGeometry | None]:
+    """:func:`preprocess`, plus the :class:`~osteoscan.geometry.InputGeometry` that maps the
+    input back onto ``image`` (``None`` for ``roi="knee_pair"``, whose two crops have no single
+    inverse).
+
     Resizing comes first (area interpolation when shrinking) so the percentile statistics and
     CLAHE work at model resolution, which keeps this cheap for 3000-pixel radiographs.
     """
@@ -94,9 +107,11 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> np.nda
     if image.ndim != 2:
         raise ValueError(f"expected a single-channel (H, W) image, got shape {image.shape}")
     img: np.ndarray = np.ascontiguousarray(image, dtype=np.float32)
+    source = (int(img.shape[0]), int(img.shape[1]))
+    crop = (0, 0, source[0], source[1])
     if cfg.roi == "knee_joint":
         # Crop at full resolution, before resizing, so the joint gets all of the model's pixels.
-        top, left, bottom, right = detect_knee_joint(img).box
+        crop = top, left, bottom, right = detect_knee_joint(img).box
         img = np.ascontiguousarray(img[top:bottom, left:right])
     elif cfg.roi == "knee_pair":
         img = np.ascontiguousarray(knee_pair(img), dtype=np.float32)
@@ -111,12 +126,16 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | None = None) -> np.nda
     if cfg.clahe:
         clahe = cv2.createCLAHE(clipLimit=cfg.clahe_clip, tileGridSize=(cfg.clahe_grid,) * 2)
         out16 = clahe.apply(out16)
-    if (th, tw) == (cfg.size, cfg.size):
-        return out16
-    canvas = np.zeros((cfg.size, cfg.size), dtype=np.uint16)
     top, left = (cfg.size - th) // 2, (cfg.size - tw) // 2
+    geometry = None
+    if cfg.roi != "knee_pair":
+        box = (int(crop[0]), int(crop[1]), int(crop[2]), int(crop[3]))
+        geometry = InputGeometry(source, box, (top, left, th, tw), cfg.size)
+    if (th, tw) == (cfg.size, cfg.size):
+        return out16, geometry
+    canvas = np.zeros((cfg.size, cfg.size), dtype=np.uint16)
     canvas[top : top + th, left : left + tw] = out16
-    return canvas
+    return canvas, geometry
 
 
 def to_model_input(

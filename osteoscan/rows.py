@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from osteoscan.geometry import InputGeometry
     from osteoscan.load import LoadedFrame
 
 COLUMNS_BEFORE_PROBS: tuple[str, ...] = (
@@ -187,7 +188,9 @@ class ScoredRow:
 
     ``file_frames`` is the number of rows the file produces in total (frames of a multi-frame
     DICOM; 1 for an error row): the state marks a file done only once all are recorded.
-    ``member_probs`` (M, C) and ``heatmap`` (h, w) go to the HDF5; ``model_input`` (the uint16
+    ``member_probs`` (M, C), ``heatmap`` (h, w) and ``geometry`` (where the model input lies in
+    the image) go to the HDF5; ``display`` (a small uint8 copy of the image) and ``model_input``
+    (the uint16
     image the model saw) is only carried to draw the heatmap PNG and is never stored.
     """
 
@@ -196,3 +199,5 @@ class ScoredRow:
     member_probs: np.ndarray | None = None
     heatmap: np.ndarray | None = None
     model_input: np.ndarray | None = None
+    geometry: InputGeometry | None = None
+    display: np.ndarray | None = None

@@ -25,6 +25,7 @@ import numpy as np
 from osteoscan import __version__
 from osteoscan.atomic import AtomicFile, output_error, write_bytes
 from osteoscan.errors import OutputError
+from osteoscan.geometry import InputGeometry
 from osteoscan.rows import ResultRow, utc_now
 
 HEATMAP_METHOD = (
@@ -120,7 +121,11 @@ class Hdf5ResultsWriter:
     ``frame`` (int32), ``probs`` (N×C float32, NaN for classes a row's model lacks),
     ``member_probs`` (N×M×C float32, NaN-padded when models have fewer members), ``score``,
     ``uncertainty`` (float32), ``flagged`` (bool), ``has_heatmap`` (bool) and ``heatmaps``
-    (N×h×w float16 in [0, 1], one chunk per image, gzip; zeros where ``has_heatmap`` is false).
+    (N×h×w float16 in [0, 1], one chunk per image, gzip; zeros where ``has_heatmap`` is false),
+    the heatmaps' transform back to the radiograph: ``source_shape`` (N×2: H, W of the image
+    read), ``crop_box`` (N×4: top, left, bottom, right of the model's region in it) and
+    ``input_box`` (N×4: top, left, height, width of that region inside the model input; the rest
+    is padding), -1 where unknown.
     Root attributes: ``classes``, ``manifest`` (JSON of the first model), ``manifests`` (JSON
     object of all, by model label), ``heatmap_method``, ``heatmap_normalisation``,
     ``osteoscan_version``, ``created_at``.
@@ -161,6 +166,10 @@ class Hdf5ResultsWriter:
             h5.create_dataset(name, (0,), maxshape=(None,), dtype="f4", chunks=(1024,))
         for name in ("flagged", "has_heatmap"):
             h5.create_dataset(name, (0,), maxshape=(None,), dtype="?", chunks=(1024,))
+        # where each heatmap lies in its radiograph (osteoscan.geometry.InputGeometry); -1: unknown
+        for name, width in (("source_shape", 2), ("crop_box", 4), ("input_box", 4)):
+            h5.create_dataset(name, (0, width), maxshape=(None, width), dtype="i4",
+                              chunks=(1024, width))  # fmt: skip
         h5.create_dataset("probs", (0, c), maxshape=(None, c), dtype="f4", chunks=(256, c))
         h5.create_dataset(
             "member_probs", (0, m, c), maxshape=(None, m, c), dtype="f4", chunks=(256, m, c)
@@ -184,6 +193,7 @@ class Hdf5ResultsWriter:
         probs: np.ndarray,
         member_probs: np.ndarray,
         heatmaps: Sequence[np.ndarray | None],
+        geometries: Sequence[InputGeometry | None] | None = None,
     ) -> None:
         """Append scored rows. ``probs`` (N×C) and ``member_probs`` (N×M×C) use this writer's
         class order already (see :meth:`align`); heatmaps are resized to the file's h×w."""
@@ -205,6 +215,10 @@ class Hdf5ResultsWriter:
             h5["probs"][start:stop] = probs.astype(np.float32)
             h5["member_probs"][start:stop] = member_probs.astype(np.float32)
             h5["has_heatmap"][start:stop] = [hm is not None for hm in heatmaps]
+            geos = list(geometries) if geometries is not None else [None] * n
+            h5["source_shape"][start:stop] = [g.source if g else (-1, -1) for g in geos]
+            h5["crop_box"][start:stop] = [g.crop if g else (-1,) * 4 for g in geos]
+            h5["input_box"][start:stop] = [g.placed if g else (-1,) * 4 for g in geos]
             ds = h5["heatmaps"]
             for i, hm in enumerate(heatmaps):
                 if hm is None:

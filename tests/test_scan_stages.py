@@ -259,3 +259,26 @@ def test_covariates_say_where_they_came_from_and_can_be_required(
     assert rows["with_header.dcm"]["status"] == "ok" and rows["with_header.dcm"]["p_normal"]
     assert all(rows[f"k{i}.png"]["status"] == "error" for i in range(6))
     assert rows["k0.png"]["reason"] == MISSING_COVARIATES and rows["k0.png"]["p_normal"] == ""
+
+
+def test_heatmap_png_is_drawn_on_the_radiograph_and_hdf5_records_the_transform(
+    tiny_package: Callable[..., Path], tmp_path: Path
+) -> None:
+    import cv2
+
+    from osteoscan.writers import read_hdf5
+
+    root = tmp_path / "archive"
+    synthetic.write_png(root / "wide.png", synthetic.synthetic_knee(96, seed=4)[:60])  # 60 x 96
+    cfg = ScanConfig(paths=[root], out=tmp_path / "r.csv", models=[str(tiny_package())],
+                     device="cpu", workers=0, threshold=0.0, hdf5=tmp_path / "r.h5",
+                     heatmaps_dir=tmp_path / "hm")  # fmt: skip
+    run_scan(cfg)
+    (row,) = _rows(tmp_path / "r.csv")
+    png = cv2.imread(row["heatmap"])
+    assert png.shape == (60, 96, 3)  # the radiograph's shape, not the 64 x 64 model input
+    h5 = read_hdf5(tmp_path / "r.h5")
+    assert h5["heatmaps"].shape == (1, 64, 64)  # the HDF5 keeps the model-input map
+    assert h5["source_shape"].tolist() == [[60, 96]]
+    assert h5["crop_box"].tolist() == [[0, 0, 60, 96]]
+    assert h5["input_box"].tolist() == [[12, 0, 40, 64]]  # letterboxed: 12 rows of padding

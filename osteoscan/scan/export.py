@@ -140,7 +140,7 @@ def _write_chunk(writer: Hdf5ResultsWriter, chunk: list[ScoredRow], redact: str 
         probs[i], members[i] = a_p[0], a_m[0]
     heatmaps = [None if s.heatmap is None else np.asarray(s.heatmap, np.float32) for s in chunk]
     writer.write([redact_row(s.row, redact) if redact else s.row for s in chunk], probs, members,
-                 heatmaps)  # fmt: skip
+                 heatmaps, [s.geometry for s in chunk])  # fmt: skip
 
 
 def outputs_current(state: ScanState, cfg: ScanConfig) -> bool:
@@ -165,12 +165,20 @@ def redaction_secret(state: ScanState, cfg: ScanConfig) -> str | None:
 
 
 def write_heatmap_pngs(scored: Sequence[ScoredRow], folder: str | Path | None) -> None:
-    """Overlay PNGs for the rows of a batch that name one (drawn on the model input)."""
+    """Overlay PNGs for the rows of a batch that name one: drawn on the radiograph (the model's
+    region outlined), or on the model input when its geometry has no inverse (``knee_pair``)."""
     if folder is None:
         return
+    from osteoscan.geometry import overlay_on_source
     from osteoscan.gradcam import overlay
 
     for item in scored:
-        if item.row.heatmap and item.heatmap is not None and item.model_input is not None:
+        if not item.row.heatmap or item.heatmap is None:
+            continue
+        if item.geometry is not None and item.display is not None:
+            rgb = overlay_on_source(item.display, item.heatmap, item.geometry)
+        elif item.model_input is not None:
             rgb = overlay(item.model_input, item.heatmap)
-            write_heatmap_png(folder, item.row.image_id, rgb)
+        else:
+            continue
+        write_heatmap_png(folder, item.row.image_id, rgb)

@@ -91,7 +91,8 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
 
     with ScanSession(cfg) as session:  # lock first: a concurrent scan is refused at once
         state = session.state
-        manifests = [read_manifest(resolve_package(ref)) for ref in list(cfg.models) or [None]]
+        refs: list[str | Path | None] = [*cfg.models] or [None]
+        manifests = [read_manifest(resolve_package(ref)) for ref in refs]
         key = run_key_for(cfg, manifests)
         record_orphans(state, session.inflight_dir, key)  # files that crashed earlier runs
         files, n_ignored = discover_files(cfg)
@@ -202,7 +203,9 @@ class _Run:
         self.progress = progress
         router = Router([m.ensemble.body_parts for m in models], [m.label for m in models],
                         cfg.body_part)  # fmt: skip
-        self.loader = Loader(router, [m.preprocess for m in models])
+        # a copy of each radiograph travels with it only when a heatmap PNG may be drawn on it
+        self.loader = Loader(router, [m.preprocess for m in models],
+                             keep_display=cfg.heatmaps_dir is not None)  # fmt: skip
         self.engine = LocalEngine(torch.device(device), workers, cfg.batch_size,
                                   session.inflight_dir, cfg.limits)  # fmt: skip
         self.scorer = Scorer(cfg, models)

@@ -45,5 +45,5 @@ def record_batch(
             item.row.phi = phi_values(item.row.path)
         if not keep_heatmaps:
             item.heatmap = None
-        item.model_input = None  # drawn already; never stored
+        item.model_input = item.display = None  # drawn already; never stored
     state.record(scored, key)

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -60,7 +60,8 @@ def load_models(refs: Sequence[str | Path], device: torch.device) -> list[Loaded
     from osteoscan.preprocess import PreprocessConfig
 
     out = []
-    for ref in list(refs) or [None]:
+    wanted: list[str | Path | None] = [*refs] or [None]
+    for ref in wanted:
         pkg = load_package(ref, device=device)
         m = pkg.manifest
         cfg = PreprocessConfig.from_dict(m.preprocess)
@@ -124,7 +125,7 @@ class Scorer:
         # Heatmaps come from the scoring pass itself: for every row when all are wanted (HDF5,
         # --heatmaps-for all), else "flagged": the ensemble opens the Grad-CAM forward for the
         # batch and backpropagates only the rows its fused score flags (about inference cost).
-        want: list[bool] | str | None = None
+        want: Sequence[bool] | Literal["flagged"] | None = None
         if self.heatmaps_same_pass:
             want = [True] * len(idx)
         elif self.heatmaps_flagged:
@@ -145,6 +146,7 @@ class Scorer:
             item.member_probs = np.asarray(pred.member_probs[k])
             item.heatmap = pred.heatmaps[k]
             item.model_input = inputs[k]
+            item.geometry, item.display = records[i].geometry, records[i].display
             png = folder is not None and (cfg.heatmaps_for == "all" or row.flagged)
             if png and folder is not None and item.heatmap is not None:
                 row.heatmap = str(Path(folder) / heatmap_name(row.image_id))

@@ -18,8 +18,8 @@ Identity
       *completed* (all of its frames recorded). Anything else - new, changed, interrupted halfway
       through its frames, other model - is planned again; ``force=True`` plans everything.
 
-Schema (``PRAGMA user_version = 2``; a version-1 file is migrated in place by dropping the unused
-``files.sha256`` column)::
+Schema (``PRAGMA user_version = 2``; a version-1 file is migrated in place: the unused
+``files.sha256`` column goes, ``rows.geometry`` comes)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)            -- generation counter, export marks,
                                                       -- union of classes, max member count
@@ -32,7 +32,8 @@ Schema (``PRAGMA user_version = 2``; a version-1 file is migrated in place by dr
          member_probs BLOB, member_shape TEXT,        -- float32 (M, C), raw bytes
          heatmap BLOB, heatmap_shape TEXT,            -- float16 (h, w), zlib-compressed
          scanned_at TEXT,                             -- time the row was scored; never rewritten
-         gen INTEGER)                                 -- generation of the batch that wrote it
+         gen INTEGER,                                 -- generation of the batch that wrote it
+         geometry TEXT)                               -- JSON InputGeometry of the model input
 
 Rows of files that later vanish from the archive stay (results accumulate, as a log of what was
 screened); a changed file's rows are replaced, and frames beyond its new frame count deleted.
@@ -56,6 +57,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from osteoscan.errors import OutputError
+from osteoscan.geometry import InputGeometry
 from osteoscan.rows import ResultRow, ScoredRow, utc_now
 from osteoscan.scan.blobs import decode_array, encode_array, json_default
 
@@ -74,7 +76,7 @@ CREATE TABLE IF NOT EXISTS rows(
     path TEXT NOT NULL, frame INTEGER NOT NULL, image_id TEXT NOT NULL, run_key TEXT NOT NULL,
     status TEXT NOT NULL, flagged INTEGER NOT NULL, score REAL, row_json TEXT NOT NULL,
     member_probs BLOB, member_shape TEXT, heatmap BLOB, heatmap_shape TEXT,
-    scanned_at TEXT NOT NULL, gen INTEGER NOT NULL, PRIMARY KEY(path, frame));
+    scanned_at TEXT NOT NULL, gen INTEGER NOT NULL, geometry TEXT, PRIMARY KEY(path, frame));
 """
 
 
@@ -139,6 +141,7 @@ class ScanState:
             if version == 1:  # 0.1: files.sha256 was never filled; drop it
                 conn.execute("DROP INDEX IF EXISTS rows_image")
                 conn.execute("ALTER TABLE files DROP COLUMN sha256")
+                conn.execute("ALTER TABLE rows ADD COLUMN geometry TEXT")
             elif version not in (0, SCHEMA_VERSION):
                 raise OutputError(
                     f"state file {path} has schema version {version}, this osteoscan knows "
@@ -310,11 +313,12 @@ class ScanState:
             hm, hm_shape = encode_array(res.heatmap, "float16", compress=True)
             flagged = row.is_flagged
             conn.execute(
-                "INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     path, frame, row.image_id, run_key, row.status, int(flagged), row.score,
                     json.dumps(row.as_dict(), default=json_default), mp, mp_shape, hm,
                     hm_shape, row.scanned_at, gen,
+                    json.dumps(res.geometry.to_dict()) if res.geometry else None,
                 ),
             )  # fmt: skip
             seen = seen_now.setdefault(path, set())
@@ -363,17 +367,19 @@ class ScanState:
 
     def stored_rows(self, *, status: str | None = None) -> Iterator[ScoredRow]:
         """Rows with their member probabilities and heatmaps (for the HDF5), in output order."""
-        sql = "SELECT row_json, member_probs, member_shape, heatmap, heatmap_shape FROM rows"
+        sql = ("SELECT row_json, member_probs, member_shape, heatmap, heatmap_shape, geometry "
+               "FROM rows")  # fmt: skip
         args: tuple[Any, ...] = ()
         if status is not None:
             sql += " WHERE status=?"
             args = (status,)
-        for text, mp, mps, hm, hms in self._conn.execute(sql + " ORDER BY path, frame", args):
+        for text, mp, mps, hm, hms, geo in self._conn.execute(sql + " ORDER BY path, frame", args):
             yield ScoredRow(
                 ResultRow.from_dict(json.loads(text)),
                 1,
                 decode_array(mp, mps, "float32", compressed=False),
                 decode_array(hm, hms, "float16", compressed=True),
+                geometry=InputGeometry.from_dict(json.loads(geo)) if geo else None,
             )
 
     def totals(self) -> dict[str, int]:

@@ -124,7 +124,9 @@ class LocalEngine:
                     done += batch.n_files
                     yield batch
                 return
-            except RuntimeError:
+            except (RuntimeError, OSError, EOFError):
+                # A dead worker surfaces as RuntimeError from the DataLoader's watchdog, or as a
+                # reset pipe when it dies mid-send; only an in-flight log makes it a reader death.
                 time.sleep(0.2)  # let the dead worker's in-flight log be final
                 dead = {path: reason for path, reason, _ in orphaned_inflight(self.inflight_dir)}
                 if not dead or self.restarts >= MAX_LOADER_RESTARTS:
