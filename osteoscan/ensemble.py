@@ -74,6 +74,22 @@ class BatchPrediction:
         return len(self.prediction)
 
 
+def _heatmap_request(
+    heatmaps: Sequence[bool] | Literal["flagged"] | None, batch: int
+) -> tuple[np.ndarray, bool]:
+    """``(rows asked for, flagged_only)`` from :meth:`Ensemble.predict`'s ``heatmaps``."""
+    flagged_only = isinstance(heatmaps, str)
+    if flagged_only and heatmaps != "flagged":
+        raise ValueError(f"heatmaps must be a sequence of bools or 'flagged', not {heatmaps!r}")
+    if flagged_only or heatmaps is None:
+        want = np.full(batch, flagged_only, dtype=bool)
+    else:
+        want = np.asarray(heatmaps, dtype=bool)
+    if want.shape != (batch,):
+        raise ValueError(f"heatmaps must have {batch} entries, got {want.shape}")
+    return want, flagged_only
+
+
 def _pair(size: Any) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
@@ -274,15 +290,7 @@ class Ensemble:
         """
         x = self._to_device(x)
         batch = int(x.shape[0])
-        flagged_only = isinstance(heatmaps, str)
-        if flagged_only and heatmaps != "flagged":
-            raise ValueError(f"heatmaps must be a sequence of bools or 'flagged', not {heatmaps!r}")
-        if flagged_only or heatmaps is None:
-            want = np.full(batch, flagged_only, dtype=bool)
-        else:
-            want = np.asarray(heatmaps, dtype=bool)
-        if want.shape != (batch,):
-            raise ValueError(f"heatmaps must have {batch} entries, got {want.shape}")
+        want, flagged_only = _heatmap_request(heatmaps, batch)
         if covariates is not None and len(covariates) != batch:
             raise ValueError(f"covariates must have {batch} entries, got {len(covariates)}")
 
@@ -307,21 +315,11 @@ class Ensemble:
         row_thr = self._row_thresholds(used, threshold)
         score = probs[:, self.positive_idx].sum(axis=1).astype(np.float32)
         flagged = score >= row_thr
-        hm_list: list[np.ndarray | None] = [None] * batch
         # "flagged": every row went through the open Grad-CAM forward (about inference cost);
         # now that the fused score is known, backpropagate for the flagged rows only.
         hm_rows = np.flatnonzero(flagged if flagged_only else want)
-        if forwards and len(hm_rows):
-            sel = torch.from_numpy(hm_rows).to(self.device) if flagged_only else None
-            hw = (int(x.shape[-2]), int(x.shape[-1]))
-            raw_maps = [
-                cam_from_forward(fw, self.positive_idx, t, out_size=hw, rows=sel)
-                for fw, t in zip(forwards, self.temperatures, strict=True)
-            ]
-            forwards.clear()  # free the graphs before fusing
-            fused = fuse_cams(raw_maps).cpu().numpy().astype(np.float32)
-            for j, i in enumerate(hm_rows):
-                hm_list[i] = fused[j]
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        hm_list = self._heatmaps(forwards, hm_rows, batch, hw, select=flagged_only)
         return BatchPrediction(
             probs=probs.astype(np.float32),
             member_probs=member_probs_np,
@@ -334,6 +332,34 @@ class Ensemble:
             threshold=thr,
             thresholds=row_thr,
         )
+
+    def _heatmaps(
+        self,
+        forwards: list[CamForward],
+        rows: np.ndarray,
+        batch: int,
+        hw: tuple[int, int],
+        *,
+        select: bool,
+    ) -> list[np.ndarray | None]:
+        """Fused Grad-CAM maps for ``rows`` of the open forwards (``None`` for other rows).
+
+        ``select``: the forwards hold every row of the batch and only ``rows`` are
+        backpropagated; otherwise they hold exactly ``rows``.
+        """
+        out: list[np.ndarray | None] = [None] * batch
+        if not forwards or not len(rows):
+            return out
+        sel = torch.from_numpy(rows).to(self.device) if select else None
+        raw_maps = [
+            cam_from_forward(fw, self.positive_idx, t, out_size=hw, rows=sel)
+            for fw, t in zip(forwards, self.temperatures, strict=True)
+        ]
+        forwards.clear()  # free the graphs before fusing
+        fused = fuse_cams(raw_maps).cpu().numpy().astype(np.float32)
+        for j, i in enumerate(rows):
+            out[i] = fused[j]
+        return out
 
     def _row_thresholds(self, used: Sequence[str], override: float | None) -> np.ndarray:
         """Threshold per row: an image-only score and a fused score live on different scales.
