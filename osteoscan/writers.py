@@ -115,7 +115,7 @@ def write_heatmap_png(folder: str | Path, image_id: str, overlay_rgb: np.ndarray
 
 
 class Hdf5ResultsWriter:
-    """Appendable HDF5 of scored rows (DESIGN.md "HDF5"), published atomically on commit.
+    """Appendable HDF5 of scored rows, published atomically on commit.
 
     Datasets (row-aligned, N = scored rows): ``path``, ``image_id``, ``model`` (UTF-8 strings),
     ``frame`` (int32), ``probs`` (N×C float32, NaN for classes a row's model lacks),

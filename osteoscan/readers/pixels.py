@@ -1,6 +1,6 @@
 """Pure pixel maths: stored values → modality values → VOI → display image (bone bright).
 
-Order of operations (DICOM PS3.4 grayscale pipeline, as DESIGN.md requires):
+Order of operations (the DICOM PS3.4 grayscale pipeline):
 
 1. **Stored range.** ``BitsStored`` and ``PixelRepresentation`` define the range of stored values
    (``[0, 2**b - 1]`` or ``[-2**(b-1), 2**(b-1) - 1]``), not the container dtype: a 12-bit image

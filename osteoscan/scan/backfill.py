@@ -1,4 +1,4 @@
-"""Heatmaps for rows already scored: output options never rescore (issue 11).
+"""Heatmaps for rows already scored: output options never rescore.
 
 Scores do not depend on ``--hdf5`` or ``--heatmaps``, so the run key leaves them out. When a
 nightly run asks for heatmaps that earlier runs did not make, :func:`paths_missing_heatmaps`

@@ -1,6 +1,6 @@
 """Which model package scores which image frame, decided by body part.
 
-Rules (issue 4, "Routing"):
+Rules:
 
 - Each package declares the body parts it serves (``manifest.body_parts``). A frame is scored by
   the first package given (``--model`` order) that serves its body part.

@@ -1,12 +1,10 @@
 """Incremental, crash-safe scan state in SQLite: the source of truth for every output.
 
-A nightly ``osteoscan scan`` over a growing archive must only do new work, and a run killed at
-any instant must neither lose nor duplicate rows. Both follow from one rule: **finished result
-rows are committed to this database first, one transaction per batch, and the CSV / flagged CSV /
-HDF5 are regenerated from it** (temp file + fsync + ``os.replace``). A SIGKILL therefore leaves
-(a) the previous outputs untouched and (b) a database holding every batch committed before the
-kill; the next run plans only the files not marked done and then rewrites the outputs, which
-equal those of an uninterrupted run.
+A nightly scan must only do new work, and a run killed at any instant must neither lose nor
+duplicate rows. Both follow from one rule: **finished rows are committed here first, one
+transaction per batch, and the CSV / flagged CSV / HDF5 are regenerated from it** (temp file +
+fsync + ``os.replace``). A SIGKILL leaves the previous outputs untouched and every batch committed
+before it; the next run plans only the files not marked done, then rewrites the outputs.
 
 Identity
     * image identity: ``ImageFrame.image_id`` (SOPInstanceUID [+ ``:frame``] for DICOM, else
@@ -35,8 +33,7 @@ Schema (``PRAGMA user_version = 2``; a version-1 file is migrated in place: the 
          gen INTEGER,                                 -- generation of the batch that wrote it
          geometry TEXT)                               -- JSON InputGeometry of the model input
 
-Rows of files that later vanish from the archive stay (results accumulate, as a log of what was
-screened); a changed file's rows are replaced, and frames beyond its new frame count deleted.
+Rows of vanished files stay (a log of what was screened); a changed file's rows are replaced.
 
 Durability: WAL + ``synchronous=FULL``: a kill loses nothing committed, and the per-commit fsync
 (one per batch) means a power loss cannot roll back rows that already reached a regenerated CSV.
