@@ -13,6 +13,7 @@ listing the files and why.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ class TrainingSet:
 
     def frame_names(self) -> list[str]:
         """One name per sample: its path, with ``#<frame>`` for frames of multi-frame files."""
-        multi = {i for i in self.file_of if self.file_of.count(i) > 1}
+        multi = {i for i, n in Counter(self.file_of).items() if n > 1}
         return [
             f"{s.path}#{it.frame}" if k in multi else str(s.path)
             for s, it, k in zip(self.samples, self.items, self.file_of, strict=True)
