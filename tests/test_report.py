@@ -1,4 +1,4 @@
-"""Tests for report figures and the model card."""
+"""Tests for report figures (osteoscan.report) and the model card (osteoscan.card)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from osteoscan.card import KNEE_XRAY_SOURCE, detect_source, write_card
 from osteoscan.metrics import classification_metrics
-from osteoscan.report import (
-    KNEE_XRAY_SOURCE,
-    confusion_png,
-    detect_source,
-    render_report,
-    roc_png,
-    training_curves_png,
-    write_card,
-)
+from osteoscan.report import confusion_png, render_report, roc_png, training_curves_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["normal", "osteopenia", "osteoporosis"]

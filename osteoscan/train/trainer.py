@@ -37,11 +37,12 @@ from torch import nn
 
 from osteoscan import __version__
 from osteoscan.archs import get_arch
+from osteoscan.card import detect_source, write_card
 from osteoscan.covariates import Covariates, CovariateSummary, CovariateTally
 from osteoscan.errors import OutputError, UsageError
 from osteoscan.package import Manifest, save_package
 from osteoscan.preprocess import PreprocessConfig
-from osteoscan.report import detect_source, render_report, write_card
+from osteoscan.report import render_report
 from osteoscan.runtime import select_device
 from osteoscan.train.cache import ImageCache
 from osteoscan.train.data import load_labelled
