@@ -208,6 +208,9 @@ def dicom_decision(info: Mapping[str, Any]) -> Decision:
         )
     if modality:
         return _skip(GateCode.MODALITY, f"Modality={modality} is not a projection radiograph")
+    # No Modality and no CR/DX SOP class: conservative. A wrongly skipped radiograph is a visible
+    # row with a fix in its reason; a CT or ultrasound capture scored as a knee is a silent,
+    # possibly flagged, wrong result.
     return _skip(
         GateCode.NO_MODALITY,
         f"no Modality in the header and SOP class {sop_name}: nothing says this is a radiograph "

@@ -12,6 +12,12 @@
   gets too. The applied value is kept in ``info["exif_orientation"]``.
 - **Multi-page TIFF** gives one frame per page.
 - Size is checked from the header against :class:`~osteoscan.frames.ReadLimits` before decoding.
+- **Truncated or corrupt files are errors.** A JPEG, PNG or JPEG 2000 that does not end with its
+  end marker is an ``error`` before any decoding (libjpeg would turn a JPEG cut to 2 % of its size
+  into a grey ``ok`` image); whatever libjpeg, libpng or OpenJPEG print while decoding is
+  captured (:mod:`osteoscan.readers.capture`) and makes the file an ``error`` with that text.
+- ``info["colour_fraction"]``: the share of coloured pixels, measured before the conversion to
+  grey, for the gate (:mod:`osteoscan.gate`) that skips colour pictures.
 - Body part is ``unknown`` (these formats carry no header facts): the scan's ``--body-part``
   option or the folder decides; age and sex come from a covariates CSV.
 """
