@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -53,6 +52,9 @@ from osteoscan.manifest import (
     resolve_package,
     search_dirs,
 )
+from osteoscan.rows import utc_now
+
+Dtype = Literal["float32", "float16"]  # storage dtype of member weights
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +97,7 @@ class ModelPackage:
 # --------------------------------------------------------------------------- weights
 
 
-def _tensors_for_storage(model: nn.Module, dtype: str) -> dict[str, torch.Tensor]:
+def _tensors_for_storage(model: nn.Module, dtype: Dtype) -> dict[str, torch.Tensor]:
     out = {}
     for key, val in model.state_dict().items():
         t = val.detach().to("cpu")
@@ -108,6 +110,28 @@ def _tensors_for_storage(model: nn.Module, dtype: str) -> dict[str, torch.Tensor
     return out
 
 
+def _write_member(out: Path, i: int, spec: MemberSpec, net: nn.Module, dtype: Dtype) -> MemberSpec:
+    """Write member ``i``'s weights atomically; its spec with file name, sha256 and dtype."""
+    from safetensors.torch import save_file
+
+    tensors = _tensors_for_storage(net, dtype)
+    # One metadata key only: safetensors writes a Rust HashMap, so several keys come out in
+    # random order and identical weights would get different sha256s.
+    meta = {"arch": spec.arch}
+    # The file name carries the content's hash, so it is chosen after writing.
+    f = AtomicFile(out / "member")
+    try:
+        with output_errors(out / f"member{i:02d}-{spec.arch}.safetensors"):
+            save_file(tensors, str(f.tmp), metadata=meta)
+        digest = file_sha256(f.tmp)
+        fname = f"member{i:02d}-{spec.arch}-{digest[:8]}.safetensors"
+        f.commit(fname)
+    except BaseException:
+        f.abort()
+        raise
+    return replace(spec, weights=fname, sha256=digest, dtype=dtype)
+
+
 def save_package(
     out_dir: str | Path,
     manifest: Manifest,
@@ -115,7 +139,7 @@ def save_package(
     card: str | None = None,
     report: dict[str, bytes] | None = None,
     *,
-    dtype: Literal["float32", "float16"] = "float32",
+    dtype: Dtype = "float32",
 ) -> Path:
     """Write a package to ``out_dir`` and return its path.
 
@@ -125,34 +149,18 @@ def save_package(
     crash leaves either the previous package or the complete new one. Stale member files of a
     previous save are removed afterwards. ``report`` maps file names under ``report/`` to bytes.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     if len(models) != len(manifest.members):
         raise ValueError(f"{len(models)} models for {len(manifest.members)} member specs")
     out.mkdir(parents=True, exist_ok=True)
-    members = []
-    for i, (spec, model) in enumerate(zip(manifest.members, models, strict=True)):
-        tensors = _tensors_for_storage(model, dtype)
-        # One metadata key only: safetensors writes a Rust HashMap, so several keys come out in
-        # random order and identical weights would get different sha256s.
-        meta = {"arch": spec.arch}
-        # The file name carries the content's hash, so it is chosen after writing.
-        f = AtomicFile(out / "member")
-        try:
-            with output_errors(f.tmp):
-                save_file(tensors, str(f.tmp), metadata=meta)
-            digest = file_sha256(f.tmp)
-            fname = f"member{i:02d}-{spec.arch}-{digest[:8]}.safetensors"
-            f.commit(fname)
-        except BaseException:
-            f.abort()
-            raise
-        members.append(replace(spec, weights=fname, sha256=digest, dtype=dtype))
+    members = [
+        _write_member(out, i, spec, model, dtype)
+        for i, (spec, model) in enumerate(zip(manifest.members, models, strict=True))
+    ]
     manifest = replace(
         manifest,
         members=members,
-        created_at=manifest.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=manifest.created_at or utc_now(),
         osteoscan_version=manifest.osteoscan_version or __version__,
     )
     manifest.validate()
@@ -162,7 +170,6 @@ def save_package(
         target = (out / "report" / name).resolve()
         if (out / "report").resolve() not in target.parents:
             raise ValueError(f"report file name escapes report/: {name!r}")
-        target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(target, data)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n"
     write_text(out / MANIFEST, text)
