@@ -185,11 +185,6 @@ def classification_metrics(
     def cell(key: str) -> dict[str, Any]:
         return _cell(float(point[key][0]), boot.get(key))
 
-    pred = probs.argmax(axis=1)
-    cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(cm, (y, pred), 1)
-    truth = pos_mask[y]
-    flagged = probs[:, pos_mask].sum(axis=1) >= threshold
     result: dict[str, Any] = {
         "n": int(len(y)),
         "classes": classes,
@@ -220,6 +215,21 @@ def classification_metrics(
             }
             for c in classes
         },
+        **_counts(y, probs, pos_mask, threshold, classes),
+        "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "stratified": bool(stratified)},
+    }
+    return result
+
+
+def _counts(
+    y: np.ndarray, probs: np.ndarray, pos_mask: np.ndarray, threshold: float, classes: list[str]
+) -> dict[str, Any]:
+    """Confusion matrix (most probable class), screening tp/fp/fn/tn and images per class."""
+    cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(cm, (y, probs.argmax(axis=1)), 1)
+    truth = pos_mask[y]
+    flagged = probs[:, pos_mask].sum(axis=1) >= threshold
+    return {
         "confusion_matrix": {"classes": classes, "matrix": cm.tolist()},
         "screening": {
             "tp": int((truth & flagged).sum()),
@@ -228,9 +238,7 @@ def classification_metrics(
             "tn": int((~truth & ~flagged).sum()),
         },
         "n_per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
-        "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "stratified": bool(stratified)},
     }
-    return result
 
 
 def _fmt(cell: dict[str, Any]) -> tuple[str, str]:
