@@ -243,7 +243,8 @@ def content_decision(image: np.ndarray, info: Mapping[str, Any]) -> Decision:
             "almost uniform image (at least 98% of its pixels have one value): blank or a "
             "failed export",
         )
-    levels = int(np.unique(np.rint(np.clip((s - lo) / (hi - lo), 0, 1) * 255)).size)
+    quantised = np.rint(np.clip((s - lo) / (hi - lo), 0, 1) * 255).astype(np.intp)
+    levels = int(np.count_nonzero(np.bincount(quantised.ravel(), minlength=256)))
     if levels < MIN_GREY_LEVELS:
         return _skip(
             GateCode.FEW_GREY_LEVELS,
