@@ -109,7 +109,11 @@ class Loader:
         """All frames of ``path`` (``kind`` from discovery when known; ``broken`` is an error)."""
         shown, base = str(path), str(root)
         if kind == "broken":
-            return [_error(shown, base, kind, "not a readable image file")]
+            from osteoscan.discover import sniff
+
+            # Discovery's reason ("named .dcm but is not DICOM: starts with text"), not a shrug.
+            why = sniff(path)[1] or "not a readable image file"
+            return [_error(shown, base, kind, why)]
         try:
             frames = (self.read or _guarded)(path, kind)
         except Exception as exc:  # noqa: BLE001 - readers must not raise; if one does, it's a row

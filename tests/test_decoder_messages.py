@@ -144,3 +144,12 @@ def test_truncated_jpeg2000_dicom_says_truncated(pydicom_data: Callable[[str], P
     rec = _one(pydicom_data("emri_small_jpeg_2k_lossless_too_short"))
     assert rec.status == "error"
     assert rec.reason.startswith("truncated or corrupt DICOM file (Enhanced MR Image Storage, JPEG")
+
+
+def test_broken_files_keep_discoverys_reason(tmp_path: Path) -> None:
+    """Was: "not a readable image file" for every file discovery called broken."""
+    path = tmp_path / "x.dcm"
+    path.write_text("<html>404 Not Found</html>")
+    (rec,) = LOAD(path, "broken")
+    assert rec.status == "error"
+    assert rec.reason == "named .dcm but is not DICOM: starts with text (HTML/XML markup)"
