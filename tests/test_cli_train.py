@@ -225,6 +225,9 @@ def test_train_refuses_an_unreadable_share_unless_allowed(
     code, text = _main(_small_args(root, tmp_path / "m", "--allow-unreadable"), capsys)
     assert code == 0, text
     assert "osteoscan train: read 18/20 images usable (2 unreadable, 0 skipped)" in text
+    # Piped output: the summary table is never cut ("specifici…") nor padded with spaces.
+    assert "specificity" in text and "…" not in text
+    assert not [ln for ln in text.splitlines() if ln != ln.rstrip()]
     m = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert m["training_data"]["n_unreadable"] == 2 and m["training_data"]["n_images"] == 18
     assert {r["path"] for r in m["training_data"]["not_used"]} == {

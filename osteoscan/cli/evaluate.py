@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from osteoscan.atomic import write_text
+from osteoscan.cli.train_render import report_console
 from osteoscan.errors import UsageError
 
 VARIANT_TITLES = {
@@ -30,28 +32,28 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
-def _table(title: str, metrics: dict[str, Any]) -> Table:
+def _table(title: str, metrics: dict[str, Any]) -> Group:
     from osteoscan.metrics import format_metrics_table  # numpy: not for `--help`
 
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95 % CI", justify="right")
     for row in format_metrics_table(metrics):
         table.add_row(*row)
-    return table
+    return Group(Text(title), table)  # a table title would be padded with spaces
 
 
-def _confusion(metrics: dict[str, Any], variant: str) -> Table:
+def _confusion(metrics: dict[str, Any], variant: str) -> Group:
     cm = metrics["confusion_matrix"]
     title = f"confusion matrix, {variant} (rows: true, columns: most probable class)"
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("")
     for c in cm["classes"]:
         table.add_column(c, justify="right")
     for c, row in zip(cm["classes"], cm["matrix"], strict=True):
         table.add_row(c, *(str(v) for v in row))
-    return table
+    return Group(Text(title), table)
 
 
 def _print_notes(out: Console, report: dict[str, Any]) -> None:
@@ -164,7 +166,7 @@ def register(app: typer.Typer) -> None:
             quiet, data, model, covariates_csv=covariates, covariate_columns=cols, device=device,
             batch_size=batch_size, n_boot=n_boot, seed=seed, body_part=body_part,
         )  # fmt: skip
-        stdout = Console(width=max(Console().width, 100), highlight=False)
+        stdout = report_console()
         _render(stdout, report)
         if out is not None:
             _write_json(out, report)

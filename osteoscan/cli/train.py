@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from osteoscan.cli.train_render import LogRenderer, RichRenderer, fmt
+from osteoscan.cli.train_render import LogRenderer, RichRenderer, fmt, report_console
 from osteoscan.errors import UsageError
 from osteoscan.train.recipe import PRESET_HELP, list_presets, make_config
 
@@ -97,7 +97,8 @@ def _summary(console: Console, path: Path) -> None:
     from osteoscan.package import read_manifest
 
     m = read_manifest(path)
-    t = Table(title=f"model {m.name} {m.version}: held-out metrics", title_justify="left")
+    console.print(f"model {m.name} {m.version}: held-out metrics", markup=False)
+    t = Table()
     t.add_column("")
     for col in ("ROC-AUC (pos. vs rest)", "95 % CI", "macro AUC", "sensitivity", "specificity"):
         t.add_column(col, justify="right")
@@ -195,8 +196,10 @@ def _run(ctx: typer.Context) -> None:
         path = train(cfg, progress=renderer)
     finally:
         renderer.close()
-    _summary(Console(), path)
-    console.print(f"trained in {time.perf_counter() - t0:.1f} s → {path}", highlight=False)
+    _summary(report_console(), path)
+    console.print(
+        f"trained in {time.perf_counter() - t0:.1f} s → {path}", highlight=False, soft_wrap=True
+    )
 
 
 def register(app: typer.Typer) -> None:

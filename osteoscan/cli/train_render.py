@@ -137,3 +137,10 @@ class RichRenderer:
     def close(self) -> None:
         """Stop the live display."""
         self.progress.stop()
+
+
+def report_console() -> Console:
+    """Console for tables on stdout: a terminal's width, or unlimited when piped or logged, so a
+    cron log never gets "specifici…" (tables stay as wide as their content)."""
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=1000)
