@@ -356,9 +356,11 @@ class CovariateTally:
 
     table: CovariateTable | None = None
     csv: str | None = None  # name shown in messages (the CSV's file name)
-    _counts: dict[str, int] = field(default_factory=lambda: {"header": 0, "csv": 0, "none": 0})
-    _matched: set[int] = field(default_factory=set)
-    _without_row: list[str] = field(default_factory=list)
+    _counts: dict[str, int] = field(
+        init=False, default_factory=lambda: {"header": 0, "csv": 0, "none": 0}
+    )
+    _matched: set[int] = field(init=False, default_factory=set)
+    _without_row: list[str] = field(init=False, default_factory=list)
 
     @classmethod
     def from_csv(
