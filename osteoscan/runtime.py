@@ -134,9 +134,17 @@ def worker_init(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: one thread each for OpenCV and torch inside a worker.
 
     Each worker is one unit of parallelism; letting OpenCV or torch spawn a pool per worker
-    would oversubscribe the cores the model runs on.
+    would oversubscribe the cores the model runs on. A worker also dies with its parent (the
+    forkserver, which dies with the scan): nothing outlives a killed scan.
     """
     import cv2
+
+    from osteoscan.scan.engines.lifeline import die_with_parent, scan_pid, watch_scan
+
+    scan = scan_pid()
+    die_with_parent(scan=scan)
+    if scan is not None:
+        watch_scan(scan)
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)

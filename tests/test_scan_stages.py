@@ -282,3 +282,59 @@ def test_heatmap_png_is_drawn_on_the_radiograph_and_hdf5_records_the_transform(
     assert h5["source_shape"].tolist() == [[60, 96]]
     assert h5["crop_box"].tolist() == [[0, 0, 60, 96]]
     assert h5["input_box"].tolist() == [[12, 0, 40, 64]]  # letterboxed: 12 rows of padding
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # zombies are dead already
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and prctl")
+def test_nothing_outlives_a_killed_scan(tiny_package: Callable[..., Path], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    root = tmp_path / "archive"
+    synthetic.write_png(root / "k0000.png", synthetic.synthetic_knee(128, seed=1))
+    for i in range(1, 3000):  # many files, one image: slow enough to be killed mid-run
+        os.link(root / "k0000.png", root / f"k{i:04d}.png")
+    script = Path(sys.executable).with_name("osteoscan")
+    if not script.exists():
+        pytest.skip("the osteoscan console script is not installed next to this Python")
+    proc = subprocess.Popen(
+        [str(script), "scan", str(root), "--out", str(tmp_path / "r.csv"), "--model",
+         str(tiny_package()), "--workers", "2", "--batch-size", "2", "--device", "cpu", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline, family = time.monotonic() + 180, set()
+    while time.monotonic() < deadline and len(family) < 3:  # forkserver + 2 workers (+ tracker)
+        time.sleep(0.2)
+        family = _descendants(proc.pid)
+    assert proc.poll() is None and len(family) >= 3, "the scan ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in family):
+        time.sleep(0.2)
+        family = {p for p in family if _alive(p)}
+    assert not family, f"processes of the killed scan still running: {sorted(family)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -30,8 +30,11 @@ from osteoscan.guards import GuardLimits, Watchdog, guarded_read, limit_memory, 
 from osteoscan.load import LoadedFrame, Loader
 from osteoscan.runtime import worker_init
 from osteoscan.scan.batch import FrameBatch, collate_frames
+from osteoscan.scan.engines.lifeline import SCAN_PID_ENV
 
 MAX_LOADER_RESTARTS = 50
+# first preload of the forkserver: it dies with the scan (see osteoscan.scan.engines.lifeline)
+FORKSERVER_GUARD = "osteoscan.scan.engines._forkserver"
 
 
 class GuardedReader:
@@ -149,6 +152,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     ``if __name__ == "__main__":`` (workers import the main module). The CLI already does.
     """
     ctx = multiprocessing.get_context("forkserver")
+    os.environ[SCAN_PID_ENV] = str(os.getpid())  # the forkserver dies with this process
     # The forkserver starts as ``python -c …``, so its sys.path begins with the current folder
     # and its preload imports happen before the parent's sys.path is applied: run from a folder
     # that holds an ``osteoscan/`` directory (a clone's parent), the preload imported *that* as a
@@ -157,9 +161,10 @@ def worker_context() -> multiprocessing.context.BaseContext:
     # preloaded (workers then import it with the parent's sys.path).
     if sys.version_info >= (3, 11):
         os.environ.setdefault("PYTHONSAFEPATH", "1")
-        ctx.set_forkserver_preload(["osteoscan.scan.engines.local", "osteoscan.readers"])
+        ctx.set_forkserver_preload([FORKSERVER_GUARD, "osteoscan.scan.engines.local",
+                                    "osteoscan.readers"])  # fmt: skip
     else:
-        ctx.set_forkserver_preload(["torch", "cv2", "pydicom"])
+        ctx.set_forkserver_preload([FORKSERVER_GUARD, "torch", "cv2", "pydicom"])
     return ctx
 
 
