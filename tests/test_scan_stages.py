@@ -167,8 +167,15 @@ def test_adding_hdf5_then_heatmaps_computes_only_heatmaps(
     from osteoscan.writers import read_hdf5
 
     def cfg(**options: Path) -> ScanConfig:
-        return ScanConfig(paths=[pngs], out=tmp_path / "r.csv", models=[str(tiny_package())],
-                          device="cpu", workers=0, threshold=0.0, **options)  # type: ignore[arg-type]
+        return ScanConfig(
+            paths=[pngs],
+            out=tmp_path / "r.csv",
+            models=[str(tiny_package())],
+            device="cpu",
+            workers=0,
+            threshold=0.0,
+            **options,
+        )  # type: ignore[arg-type]
 
     run_scan(cfg())
     before = {r["path"]: r for r in _rows(tmp_path / "r.csv")}

@@ -41,7 +41,9 @@ def _row(path: Path, frame: int = 0, score: float = 0.5, status: str = "ok") -> 
 
 def _res(row: dict, file_frames: int = 1, **arrays: object) -> ScoredRow:
     return ScoredRow(
-        ResultRow.from_dict({"scanned_at": utc_now(), **row}), file_frames, **arrays  # type: ignore[arg-type]
+        ResultRow.from_dict({"scanned_at": utc_now(), **row}),
+        file_frames,
+        **arrays,  # type: ignore[arg-type]
     )
 
 
