@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 DISPLAY_MAX_SIDE = 1024  # longest side of the radiograph copy the overlay is drawn on
@@ -33,6 +32,8 @@ class InputGeometry:
     def to_source(self, heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """The model-input ``heatmap`` (size x size) mapped onto a ``shape`` copy of the source:
         padding is dropped, the rest scaled into the crop box, zero outside it."""
+        import cv2  # lazily: a no-op nightly rescan imports this module but never draws
+
         hm: np.ndarray = np.asarray(heatmap, dtype=np.float32)
         if hm.shape != (self.size, self.size):
             hm = cv2.resize(hm, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
@@ -66,6 +67,8 @@ class InputGeometry:
 
 def display_copy(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
     """``uint8`` copy of a float [0, 1] radiograph, longest side at most ``max_side``."""
+    import cv2
+
     h, w = image.shape
     scale = min(1.0, max_side / max(h, w))
     img: np.ndarray = np.asarray(image, dtype=np.float32)
@@ -80,6 +83,8 @@ def overlay_on_source(
 ) -> np.ndarray:
     """RGB ``uint8`` overlay of the model-input ``heatmap`` on the radiograph ``display`` copy,
     with the region the model saw outlined in white."""
+    import cv2
+
     from osteoscan.gradcam import overlay
 
     shape = (int(display.shape[0]), int(display.shape[1]))
