@@ -22,76 +22,104 @@ def register(app: typer.Typer) -> None:
 
     @app.command("scan")
     def scan(
-        paths: Annotated[list[Path], typer.Argument(help="Files or folders to scan.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Results CSV to write.")],
+        paths: Annotated[
+            list[Path], typer.Argument(metavar="PATH...", help="Files or folders to scan.")
+        ],
+        out: Annotated[
+            Path, typer.Option("--out", "-o", metavar="CSV", help="Results CSV to write.")
+        ],
         hdf5: Annotated[
-            Path | None, typer.Option(help="Also write probabilities and heatmaps to HDF5.")
+            Path | None,
+            typer.Option(metavar="FILE", help="Also write probabilities and heatmaps to HDF5."),
         ] = None,
         heatmaps: Annotated[
-            Path | None, typer.Option("--heatmaps", help="Folder for Grad-CAM overlay PNGs.")
+            Path | None,
+            typer.Option("--heatmaps", metavar="DIR", help="Folder for Grad-CAM overlay PNGs."),
         ] = None,
         heatmaps_for: Annotated[
-            str, typer.Option(help="Which scored images get a PNG: flagged or all.")
+            str, typer.Option(metavar="flagged|all", help="Which scored images get a PNG.")
         ] = "flagged",
         model: Annotated[
             list[str] | None,
-            typer.Option("--model", "-m", help="Model package name or folder (repeatable)."),
+            typer.Option(
+                "--model",
+                "-m",
+                metavar="NAME|DIR",
+                help="Model package name or folder (repeatable).",
+            ),
         ] = None,
-        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-        batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 32,
+        device: Annotated[
+            str, typer.Option(metavar="auto|cpu|cuda[:N]", help="Where the model runs.")
+        ] = "auto",
+        batch_size: Annotated[int, typer.Option(metavar="N", help="Images per model batch.")] = 32,
         workers: Annotated[
-            int | None, typer.Option(help="Reader processes (default: from the machine).")
+            int | None,
+            typer.Option(metavar="N", help="Reader processes (default: from the machine)."),
         ] = None,
         body_part: Annotated[
             str,
             typer.Option(
-                help="auto, knee or spine: body part of files that state none (PNG, JPEG); "
-                "auto = the one part the loaded models serve."
+                metavar="auto|knee|spine",
+                help="Body part of files that state none (PNG, JPEG); "
+                "auto = the one part the loaded models serve.",
             ),
         ] = "auto",
         covariates: Annotated[
-            Path | None, typer.Option(help="CSV of age/sex per image (path,age,sex).")
+            Path | None,
+            typer.Option(metavar="CSV", help="CSV of age/sex per image (path,age,sex)."),
         ] = None,
         covariate_columns: Annotated[
-            str, typer.Option(help="Column names in --covariates: PATH,AGE,SEX.")
+            str, typer.Option(metavar="PATH,AGE,SEX", help="Column names in --covariates.")
         ] = "path,age,sex",
         require_covariates: Annotated[
             bool,
             typer.Option(
                 "--require-covariates",
+                metavar="",
                 help="An image without age and sex (header or CSV) is an error row, not scored.",
             ),
         ] = False,
         include: Annotated[
-            list[str] | None, typer.Option(help="Only files matching this glob (repeatable).")
+            list[str] | None,
+            typer.Option(metavar="GLOB", help="Only files matching this glob (repeatable)."),
         ] = None,
         exclude: Annotated[
-            list[str] | None, typer.Option(help="Skip files matching this glob (repeatable).")
+            list[str] | None,
+            typer.Option(metavar="GLOB", help="Skip files matching this glob (repeatable)."),
         ] = None,
         threshold: Annotated[
-            float | None, typer.Option(help="Override the model's screening threshold.")
+            float | None,
+            typer.Option(metavar="P", help="Override the model's screening threshold (0-1)."),
         ] = None,
-        force: Annotated[bool, typer.Option(help="Rescan images already scanned.")] = False,
+        force: Annotated[
+            bool, typer.Option(metavar="", help="Rescan images already scanned.")
+        ] = False,
         state: Annotated[
             Path | None,
-            typer.Option(help="Incremental state file (default: <out stem>.state.sqlite)."),
+            typer.Option(
+                metavar="FILE", help="Incremental state file (default: <out stem>.state.sqlite)."
+            ),
         ] = None,
         include_phi: Annotated[
             bool,
             typer.Option(
-                "--include-phi", help="Add patient_id and accession_number columns (PHI!)."
+                "--include-phi",
+                metavar="",
+                help="Add patient_id and accession_number columns (PHI!).",
             ),
         ] = False,
         redact_paths: Annotated[
             bool,
             typer.Option(
                 "--redact-paths",
+                metavar="",
                 help="Write each file path as a stable pseudonym in every output (folder and "
                 "file names often hold patient names); the mapping stays in the state file.",
             ),
         ] = False,
         quiet: Annotated[
-            bool, typer.Option("--quiet", "-q", help="Plain timestamped log lines only.")
+            bool,
+            typer.Option("--quiet", "-q", metavar="", help="Plain timestamped log lines only."),
         ] = False,
     ) -> None:
         """Screen radiographs: one CSV row per image frame, flagged cases, heatmaps."""
