@@ -6,11 +6,7 @@ import numpy as np
 
 from osteoscan.geometry import InputGeometry, display_copy, overlay_on_source
 from osteoscan.preprocess import PreprocessConfig, preprocess, preprocess_with_geometry
-
-try:
-    from osteoscan.testing import synthetic
-except ImportError:  # pragma: no cover - before the move out of the runtime library
-    from osteoscan import synthetic  # type: ignore[no-redef]
+from osteoscan.testing import synthetic
 
 
 def test_geometry_of_a_knee_joint_crop_inverts_to_the_box() -> None:

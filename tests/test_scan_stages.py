@@ -24,11 +24,7 @@ from osteoscan.scan.pipeline import run_scan
 from osteoscan.scan.plan import discover_files, record_orphans, run_key_for
 from osteoscan.scan.routing import Router
 from osteoscan.scan.state import ScanState
-
-try:  # the demo/test generator moves out of the runtime library (osteoscan.testing)
-    from osteoscan.testing import synthetic
-except ImportError:  # pragma: no cover - before the move
-    from osteoscan import synthetic  # type: ignore[no-redef]
+from osteoscan.testing import synthetic
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 

@@ -7,7 +7,6 @@ every frame of the multi-frame file, one record per frame, like :mod:`osteoscan.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from pathlib import Path
 
@@ -17,11 +16,7 @@ import pytest
 
 from osteoscan.load import single_model_loader
 from osteoscan.preprocess import PreprocessConfig
-
-try:  # the generator moved out of the runtime library during issue 10
-    synthetic = importlib.import_module("osteoscan.testing.synthetic")
-except ImportError:  # pragma: no cover - before the move
-    synthetic = importlib.import_module("osteoscan.synthetic")
+from osteoscan.testing import synthetic
 
 N_FRAMES = 3
 

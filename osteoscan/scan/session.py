@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import tempfile
 import threading
@@ -23,14 +22,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from osteoscan.atomic import output_error
+from osteoscan.atomic import TEMP_NAME, output_error
 from osteoscan.errors import OsteoscanError
 from osteoscan.guards import tidy_inflight
 from osteoscan.scan.config import ScanConfig
 from osteoscan.scan.lock import LockSet, lock_path_for
 from osteoscan.scan.state import ScanState, default_state_path
-
-_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # tempfile.mkstemp(prefix=".<name>.")
 
 
 class ScanSession:
@@ -123,7 +120,7 @@ def sweep_temp_files(folder: str | Path | None) -> int:
         return 0
     n = 0
     for p in Path(folder).iterdir():
-        if _TEMP_NAME.match(p.name) and p.is_file():
+        if TEMP_NAME.match(p.name) and p.is_file():
             p.unlink(missing_ok=True)
             n += 1
     return n

@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from osteoscan.errors import OutputError, UsageError
 from osteoscan.package import Manifest, save_package
 from osteoscan.preprocess import PreprocessConfig
 from osteoscan.report import render_report
+from osteoscan.rows import utc_now
 from osteoscan.runtime import select_device
 from osteoscan.train.cache import ImageCache
 from osteoscan.train.data import load_labelled
@@ -271,7 +271,7 @@ def train_models(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainR
         preprocess=d.pcfg.to_dict(), covariates=["age", "sex"] if fusion is not None else [],
         members=members.specs, fusion=fusion, training_data=_training_data(d, split),
         metrics=metrics, command=cfg.command,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=utc_now(),
         osteoscan_version=__version__,
         extra={"train_config": cfg.to_dict(), "timings": timings},
         training_fingerprints=_fingerprints(d, parts),
