@@ -134,7 +134,8 @@ def test_a_rescan_summary_counts_what_the_results_hold(
     flagged = sum(r["flagged"] == "true" for r in _rows(tmp_path / "r.csv"))
     assert flagged == 6 and first.counts["flagged"] == 6
     assert second.counts["flagged"] == 0 and second.counts["unchanged"] == 6  # nothing new
-    assert second.totals == {"rows": 6, "ok": 6, "skipped": 0, "error": 0, "flagged": 6}
+    assert second.totals == {"rows": 6, "ok": 6, "skipped": 0, "error": 0, "missing": 0,
+                             "flagged": 6}  # fmt: skip
 
 
 def test_scan_works_from_a_folder_holding_an_osteoscan_directory(
@@ -341,3 +342,36 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_vanished_files_are_marked_missing_then_pruned_and_an_empty_root_changes_nothing(
+    pngs: Path, tiny_package: Callable[..., Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from osteoscan.errors import UsageError
+
+    cfg = ScanConfig(paths=[pngs], out=tmp_path / "r.csv", models=[str(tiny_package())],
+                     device="cpu", workers=0)  # fmt: skip
+    run_scan(cfg)
+    (pngs / "k1.png").unlink()
+    (pngs / "k4.png").unlink()
+    s = run_scan(cfg)
+    assert s.device == "none"  # nothing to score: outputs rewritten without loading a model
+    rows = {Path(r["path"]).name: r for r in _rows(tmp_path / "r.csv")}
+    assert {n for n, r in rows.items() if r["status"] == "missing"} == {"k1.png", "k4.png"}
+    assert "last scanned" in rows["k1.png"]["reason"] and rows["k1.png"]["p_normal"]
+    assert s.totals["missing"] == 2 and s.totals["rows"] == 6
+    synthetic.write_png(pngs / "k4.png", synthetic.synthetic_knee(64, seed=4))  # it comes back
+    s = run_scan(cfg)
+    assert s.counts["ok"] == 1 and _rows(tmp_path / "r.csv")[4]["status"] == "ok"
+    cfg.prune = True
+    s = run_scan(cfg)
+    assert sorted(Path(r["path"]).name for r in _rows(tmp_path / "r.csv")) == [
+        "k0.png", "k2.png", "k3.png", "k4.png", "k5.png"]  # fmt: skip
+    before = (tmp_path / "r.csv").read_bytes()
+    shutil.rmtree(pngs)
+    pngs.mkdir()  # an unmounted share: the mount point is there, empty
+    with pytest.raises(UsageError, match="is the archive mounted"):
+        run_scan(cfg)
+    assert (tmp_path / "r.csv").read_bytes() == before

@@ -39,7 +39,8 @@ def _counts(c: dict[str, int]) -> str:
 
 def held(s: ScanSummary) -> str:
     """What the results hold after the run (all runs), e.g. ``70 rows: ok=60 ... flagged=12``."""
-    return f"{s.totals.get('rows', 0)} rows: {_counts(s.totals)}"
+    gone = f" missing={s.totals['missing']}" if s.totals.get("missing") else ""
+    return f"{s.totals.get('rows', 0)} rows: {_counts(s.totals)}{gone}"
 
 
 class LogReporter:

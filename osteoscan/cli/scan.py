@@ -108,6 +108,14 @@ def register(app: typer.Typer) -> None:
                 help="Add patient_id and accession_number columns (PHI!).",
             ),
         ] = False,
+        prune: Annotated[
+            bool,
+            typer.Option(
+                "--prune",
+                metavar="",
+                help="Drop the rows of files that are gone (default: keep them as missing).",
+            ),
+        ] = False,
         redact_paths: Annotated[
             bool,
             typer.Option(
@@ -136,6 +144,7 @@ def register(app: typer.Typer) -> None:
             require_covariates=require_covariates, include=list(include or []),
             exclude=list(exclude or []), threshold=threshold, force=force, quiet=quiet,
             state=state, include_phi=include_phi, redact_paths=redact_paths,
+            prune=prune,
         )  # fmt: skip
         reporter = make_reporter(quiet)
         try:

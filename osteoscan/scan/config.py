@@ -25,7 +25,8 @@ class ScanConfig:
     from the machine (:func:`osteoscan.runtime.default_workers`); ``threshold`` overrides the
     packages' screening thresholds; ``heatmaps_for`` picks which scored rows get a PNG;
     ``state`` is the state file (default next to ``out``); ``include_phi`` adds identifier
-    columns; ``redact_paths`` writes paths as pseudonyms; ``limits`` are the per-file guards;
+    columns; ``redact_paths`` writes paths as pseudonyms; ``prune`` drops the rows of files that
+    are gone (else they are marked ``missing``); ``limits`` are the per-file guards;
     outputs are re-exported at least every ``export_every_s`` seconds during a long run.
     """
 
@@ -51,6 +52,7 @@ class ScanConfig:
     state: str | Path | None = None
     include_phi: bool = False
     redact_paths: bool = False
+    prune: bool = False
     limits: GuardLimits = field(default_factory=GuardLimits)
     export_every_s: float = 300.0
 

@@ -42,10 +42,12 @@ from osteoscan.scan.plan import discover_files, plan_files, record_orphans, run_
 from osteoscan.scan.record import record_batch
 from osteoscan.scan.session import ScanSession
 from osteoscan.scan.state import ScanState
+from osteoscan.scan.vanished import check_roots_not_emptied, mark_vanished
 from osteoscan.writers import flagged_path_for
 
 if TYPE_CHECKING:
     from osteoscan.covariates import CovariateSummary
+    from osteoscan.manifest import Manifest
     from osteoscan.scan.score import LoadedModel
 
 __all__ = ["ScanConfig", "ScanEvent", "ScanSummary", "run_scan"]
@@ -96,25 +98,31 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         key = run_key_for(cfg, manifests)
         record_orphans(state, session.inflight_dir, key)  # files that crashed earlier runs
         files, n_ignored = discover_files(cfg)
+        found = {str(f.path) for f in files}
+        check_roots_not_emptied(state, cfg.paths, found)  # an unmounted share changes nothing
+        n_vanished = mark_vanished(state, cfg.paths, found, prune=cfg.prune)
         todo = plan_files(state, files, key, cfg.force)
         redo = _missing_heatmaps(cfg, state, key, files, todo)
         progress = _Progress(len(todo) + len(redo), on_event)
-        progress.emit("start", f"{len(todo)} files to scan, {len(files) - len(todo)} unchanged "
-                      f"({n_ignored} ignored)" + (f"; heatmaps to add for {len(redo)} files"
-                      if redo else ""))  # fmt: skip
+        progress.emit("start", _start_message(len(todo), len(files), n_ignored, len(redo),
+                                              n_vanished, cfg.prune))  # fmt: skip
         labels = [f"{m.name} {m.version}" for m in manifests]
         device, workers, written, cov = "none", 0, list[Path](), None
-        if todo or redo or not outputs_current(state, cfg):
+        sizes: list[int] = []
+        if todo or redo:
             models, device, workers = _prepare(cfg, key)
+            sizes = [m.preprocess.size for m in models]
             workers = min(workers, len(todo) + len(redo))
-            run = _Run(cfg, session, models, key, workers, device, progress)
+            run = _Run(cfg, session, models, key, workers, device, progress, manifests)
             if todo:
                 written += run.score(todo)
             if redo and session.stop_signal is None:
                 written += run.score(redo, heatmaps_only=True)
-            written += [p for p in _export(cfg, state, models) if p not in written]
             cov = _covariate_summary(cfg, run) if todo else None
-            session.raise_if_stopped()
+        if written or todo or redo or not outputs_current(state, cfg):
+            new = _export(cfg, state, manifests, sizes)  # no model needed to rewrite outputs
+            written += [p for p in new if p not in written]
+        session.raise_if_stopped()
         state.set_meta(HEATMAP_META, heatmap_options(cfg))  # complete: every row has its maps
         progress.counts["unchanged"] = state.summary()["unchanged"]
         done = progress.emit("done")
@@ -191,6 +199,7 @@ class _Run:
         workers: int,
         device: str,
         progress: _Progress,
+        manifests: Sequence[Manifest],
     ) -> None:
         import torch
 
@@ -200,6 +209,7 @@ class _Run:
         from osteoscan.scan.score import Scorer
 
         self.cfg, self.session, self.models, self.key = cfg, session, models, key
+        self.manifests = list(manifests)
         self.progress = progress
         router = Router([m.ensemble.body_parts for m in models], [m.label for m in models],
                         cfg.body_part)  # fmt: skip
@@ -231,7 +241,8 @@ class _Run:
                 self.progress.add(scored, batch.n_files)
             self.progress.emit("batch")
             if time.monotonic() - last_export >= cfg.export_every_s:  # long runs: publish
-                written += _export(cfg, state, self.models)
+                written += _export(cfg, state, self.manifests,
+                                   [m.preprocess.size for m in self.models])  # fmt: skip
                 last_export = time.monotonic()
             if self.session.stop_signal is not None:
                 break
@@ -245,15 +256,28 @@ def _without_maps(scored: list[ScoredRow]) -> list[ScoredRow]:
     return [s for s in scored if s.row.status == "ok"]
 
 
-def _export(cfg: ScanConfig, state: ScanState, models: list[LoadedModel]) -> list[Path]:
-    """Regenerate the outputs older than the state."""
+def _export(
+    cfg: ScanConfig, state: ScanState, manifests: Sequence[Manifest], sizes: Sequence[int] = ()
+) -> list[Path]:
+    """Regenerate the outputs older than the state (``sizes``: model input sizes, when loaded;
+    without them the HDF5 heatmaps keep the shape of those stored)."""
     from osteoscan.rows import union_classes
 
-    sizes = [m.preprocess.size for m in models]
     return export_outputs(
         state, cfg.out, hdf5=cfg.hdf5,
-        classes=union_classes([m.ensemble.classes for m in models]),
-        manifests={m.label: m.manifest.to_dict() for m in models},
+        classes=union_classes([m.classes for m in manifests]),
+        manifests={f"{m.name} {m.version}": m.to_dict() for m in manifests},
         heatmap_size=(max(sizes), max(sizes)) if sizes else None, phi=cfg.include_phi,
         redact=redaction_secret(state, cfg),
     )  # fmt: skip
+
+
+def _start_message(
+    n_todo: int, n_files: int, n_ignored: int, n_redo: int, n_vanished: int, prune: bool
+) -> str:
+    text = f"{n_todo} files to scan, {n_files - n_todo} unchanged ({n_ignored} ignored)"
+    if n_redo:
+        text += f"; heatmaps to add for {n_redo} files"
+    if n_vanished:
+        text += f"; {n_vanished} files gone ({'pruned' if prune else 'marked missing'})"
+    return text

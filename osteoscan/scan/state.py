@@ -381,7 +381,7 @@ class ScanState:
 
     def totals(self) -> dict[str, int]:
         """What the results hold now (all runs): rows, ``ok``/``skipped``/``error``, ``flagged``."""
-        out = {"rows": 0, "ok": 0, "skipped": 0, "error": 0, "flagged": 0}
+        out = {"rows": 0, "ok": 0, "skipped": 0, "error": 0, "missing": 0, "flagged": 0}
         sql = "SELECT status, COUNT(*), SUM(flagged) FROM rows GROUP BY status"
         for status, n, flagged in self._conn.execute(sql):
             out[status] = out.get(status, 0) + int(n)
