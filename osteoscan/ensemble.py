@@ -11,6 +11,12 @@ scores. Rows that need a heatmap go through the same forward pass with gradients
 only) and, once the fused score is known, only the flagged rows are backpropagated: heatmaps for
 exactly the flagged images from one forward pass.
 
+Members whose trunks (every weight outside the head) are identical - probe heads on one frozen
+backbone - run the backbone once per batch and each head on the shared features
+(:mod:`osteoscan.trunks`); which members share is decided from the weights' digests when the
+ensemble is built. Their Grad-CAM maps come from the one shared activation, each through its own
+head's gradient, and are fused as before.
+
 On CUDA the forward runs under autocast (bf16 where the GPU supports it, else fp16) with
 channels_last weights and inputs; on CPU never autocast (slow and inexact there), only
 channels_last.
@@ -30,8 +36,9 @@ from torch import nn
 
 from osteoscan.archs import get_arch, get_module
 from osteoscan.fusion import apply_fusion, validate_fusion
-from osteoscan.gradcam import CamForward, cam_from_forward, forward_for_cam, fuse_cams
+from osteoscan.gradcam import CamForward, cam_from_forward, fuse_cams
 from osteoscan.preprocess import to_model_input
+from osteoscan.trunks import TrunkGroup, trunk_groups
 
 
 class _HasCovariates(Protocol):
@@ -113,6 +120,7 @@ class Ensemble:
     Members are moved to ``device`` once (channels_last by default) and put in eval mode.
     ``cam_layers`` optionally overrides each member's Grad-CAM layer (dotted module path);
     by default it comes from the architecture registry (``get_arch(arch).cam_layer``).
+    ``share_trunks=False`` runs every member's whole model even where trunks are identical.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class Ensemble:
         channels_last: bool = True,
         *,
         cam_layers: Sequence[str] | None = None,
+        share_trunks: bool = True,
     ) -> None:
         self.package = pkg
         self.manifest = pkg.manifest
@@ -157,8 +166,16 @@ class Ensemble:
         self.models: list[nn.Module] = [
             m.to(device=self.device, memory_format=fmt).eval() for m in pkg.members
         ]
-        self._cam_paths = list(cam_layers) if cam_layers is not None else None
+        paths = [get_arch(s.arch).cam_layer for s in specs] if cam_layers is None else cam_layers
+        self._cam_paths = list(paths)
         self._cam_modules: list[nn.Module] | None = None
+        # Members with identical trunk weights (and input, Grad-CAM layer) run the trunk once.
+        self.groups: list[TrunkGroup] = trunk_groups(
+            self.models,
+            [s.arch for s in specs],
+            [(s.mean, s.std, s.input_size, p) for s, p in zip(specs, self._cam_paths, strict=True)],
+            share=share_trunks,
+        )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -173,10 +190,8 @@ class Ensemble:
 
     def _cam_layer_modules(self) -> list[nn.Module]:
         if self._cam_modules is None:
-            paths = self._cam_paths
-            if paths is None:
-                paths = [get_arch(s.arch).cam_layer for s in self.specs]
-            self._cam_modules = [get_module(m, p) for m, p in zip(self.models, paths, strict=True)]
+            pairs = zip(self.models, self._cam_paths, strict=True)
+            self._cam_modules = [get_module(m, p) for m, p in pairs]
         return self._cam_modules
 
     def _to_device(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -227,37 +242,41 @@ class Ensemble:
         """
         x = self._to_device(x)
         inputs = self._member_inputs(x)
+        logits: list[torch.Tensor | None] = [None] * self.n_members
         with torch.inference_mode(), self._autocast():
-            logits = [m(xin).float() for m, xin in zip(self.models, inputs, strict=True)]
-        return torch.stack(logits)
+            for g in self.groups:
+                for m, lg in zip(g.members, g.logits(inputs[g.members[0]]), strict=True):
+                    logits[m] = lg
+        return torch.stack([lg for lg in logits if lg is not None])
 
     def _forward(
         self, x: torch.Tensor, grad_rows: np.ndarray
     ) -> tuple[torch.Tensor, list[CamForward]]:
         """Member logits (M, B, C) for all rows; ``grad_rows`` go through Grad-CAM forwards
-        (kept open, one per member, over those rows in order), the rest under inference_mode."""
-        batch = x.shape[0]
+        (kept open, one per member in member order, over those rows in order), the rest under
+        inference_mode. Each trunk group (:attr:`groups`) runs its trunk once."""
         hm_idx = torch.from_numpy(np.flatnonzero(grad_rows)).to(self.device)
+        if len(hm_idx) == 0:
+            return self.predict_member_logits(x), []
         plain_idx = torch.from_numpy(np.flatnonzero(~grad_rows)).to(self.device)
         inputs = self._member_inputs(x)
-        cams = self._cam_layer_modules() if len(hm_idx) else []
+        cams = self._cam_layer_modules()
         autocast: Callable[[], contextlib.AbstractContextManager[object]] = self._autocast
-        per_member, forwards = [], []
-        for m, (model, xin) in enumerate(zip(self.models, inputs, strict=True)):
-            if len(hm_idx) == 0:
-                with torch.inference_mode(), autocast():
-                    per_member.append(model(xin).float())
-                continue
-            logits = torch.empty(batch, len(self.classes), device=self.device)
+        shape = (x.shape[0], len(self.classes))
+        logits = [torch.empty(shape, device=self.device) for _ in range(self.n_members)]
+        forwards: list[CamForward | None] = [None] * self.n_members
+        for g in self.groups:
+            xin = inputs[g.members[0]]
             if len(plain_idx):
                 with torch.inference_mode(), autocast():
-                    lg_plain = model(self._rows(xin, plain_idx)).float()
-                logits[plain_idx] = lg_plain
-            fw = forward_for_cam(model, cams[m], self._rows(xin, hm_idx), autocast)
-            logits[hm_idx] = fw.logits.detach().float()
-            per_member.append(logits)
-            forwards.append(fw)
-        return torch.stack(per_member), forwards
+                    plain = g.logits(self._rows(xin, plain_idx))
+                for m, lg in zip(g.members, plain, strict=True):
+                    logits[m][plain_idx] = lg
+            fws = g.cam_forwards(cams[g.members[0]], self._rows(xin, hm_idx), autocast)
+            for m, fw in zip(g.members, fws, strict=True):
+                logits[m][hm_idx] = fw.logits.detach().float()
+                forwards[m] = fw
+        return torch.stack(logits), [fw for fw in forwards if fw is not None]
 
     def _empty(self) -> BatchPrediction:
         n_cls = len(self.classes)
@@ -351,10 +370,14 @@ class Ensemble:
         if not forwards or not len(rows):
             return out
         sel = torch.from_numpy(rows).to(self.device) if select else None
-        raw_maps = [
-            cam_from_forward(fw, self.positive_idx, t, out_size=hw, rows=sel)
-            for fw, t in zip(forwards, self.temperatures, strict=True)
-        ]
+        # Members of a trunk group share the activation and the graph up to their heads: every
+        # backward but the graph's last user must keep it.
+        last_user = {id(fw.act): m for m, fw in enumerate(forwards)}
+        raw_maps = []
+        for m, (fw, t) in enumerate(zip(forwards, self.temperatures, strict=True)):
+            keep = last_user[id(fw.act)] != m
+            cam = cam_from_forward(fw, self.positive_idx, t, hw, sel, retain_graph=keep)
+            raw_maps.append(cam)
         forwards.clear()  # free the graphs before fusing
         fused = fuse_cams(raw_maps).cpu().numpy().astype(np.float32)
         for j, i in enumerate(rows):

@@ -142,12 +142,16 @@ def cam_from_forward(
     temperature: float = 1.0,
     out_size: tuple[int, int] | None = None,
     rows: torch.Tensor | None = None,
+    *,
+    retain_graph: bool = False,
 ) -> torch.Tensor:
     """Raw Grad-CAM maps (R, H, W) float32 for ``rows`` (default all) of an open forward pass.
 
     ``ReLU(sum_k mean_hw(dT/dA_k) * A_k)`` bilinearly upsampled to ``out_size`` (default: the
     activation's size), not normalised (see :func:`fuse_cams`). One backward pass; the graph is
-    freed afterwards, so call it at most once per :class:`CamForward`.
+    freed afterwards, so call it at most once per :class:`CamForward` - unless
+    ``retain_graph``: members sharing one trunk share ``act`` and the graph up to their heads
+    (:func:`osteoscan.trunks.forward_heads_for_cam`); each member's backward needs that part.
     """
     act = fw.act
     logits = fw.logits if rows is None else fw.logits.index_select(0, rows)
@@ -156,7 +160,7 @@ def cam_from_forward(
         return torch.zeros(0, *out_size, device=act.device)
     with torch.enable_grad():
         target = screening_logodds(logits, positive_idx, temperature)
-        (grad,) = torch.autograd.grad(target.sum(), act)
+        (grad,) = torch.autograd.grad(target.sum(), act, retain_graph=retain_graph)
     a = act.detach()
     if rows is not None:
         grad, a = grad.index_select(0, rows), a.index_select(0, rows)

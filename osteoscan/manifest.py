@@ -23,7 +23,8 @@ from osteoscan.errors import ModelIntegrityError, OsteoscanError
 
 DEFAULT_MODEL = "knee-default"
 # 2: per-variant thresholds are top-level fields (schema 1 kept them in ``fusion``, still read).
-SCHEMA_VERSION = 2
+# 3: members may share a trunk file (MemberSpec.trunk, trunk_sha256); schema 2 is read as is.
+SCHEMA_VERSION = 3
 _LEGACY_THRESHOLDS = "thresholds"  # schema 1's key inside the fusion dict
 MANIFEST = "manifest.json"
 ENV_MODELS = "OSTEOSCAN_MODELS"
@@ -42,6 +43,9 @@ class MemberSpec:
 
     ``weights`` and ``sha256`` are filled in by :func:`save_package`. ``dtype`` is the storage
     dtype of the weights file. ``fold`` is the cross-validation fold that produced the member.
+    ``trunk``/``trunk_sha256``: a ``trunk-*.safetensors`` file holding every tensor outside the
+    head, shared with other members; ``weights`` then holds the head's tensors only. Empty for a
+    member stored whole.
     """
 
     arch: str
@@ -55,6 +59,8 @@ class MemberSpec:
     metrics: dict[str, Any] = field(default_factory=dict)
     pretrained: str = ""
     dtype: Literal["float32", "float16"] = "float32"
+    trunk: str = ""
+    trunk_sha256: str = ""
 
     @classmethod
     def for_arch(cls, arch: str, input_size: int | None = None, **kwargs: Any) -> MemberSpec:
@@ -177,6 +183,8 @@ class Manifest:
         for m in self.members:
             if m.temperature <= 0:
                 problems.append(f"member {m.arch}: temperature must be > 0")
+            if bool(m.trunk) != bool(m.trunk_sha256):
+                problems.append(f"member {m.weights}: trunk and trunk_sha256 go together")
         if problems:
             raise ModelIntegrityError("invalid manifest: " + "; ".join(problems))
 
@@ -289,8 +297,9 @@ def package_identity(manifest: Manifest) -> str:
     """Stable 32-hex identity of everything in a package that changes output rows.
 
     Covers name, version, classes, positive classes, threshold, preprocessing, covariates,
-    fusion and per member arch/sha256/size/normalisation/temperature; not timestamps or metrics,
-    so re-saving identical weights keeps the identity. Incremental scan state is keyed by it.
+    fusion and per member arch/sha256/size/normalisation/temperature (and the trunk's sha256 for
+    a member with a shared trunk); not timestamps or metrics, so re-saving identical weights the
+    same way keeps the identity. Incremental scan state is keyed by it.
     """
     key = {
         "name": manifest.name,
@@ -301,13 +310,16 @@ def package_identity(manifest: Manifest) -> str:
         "preprocess": manifest.preprocess,
         "covariates": list(manifest.covariates),
         "fusion": _fusion_as_in_schema_1(manifest),
-        "members": [
-            [m.arch, m.sha256, m.input_size, list(m.mean), list(m.std), float(m.temperature)]
-            for m in manifest.members
-        ],
+        "members": [_member_identity(m) for m in manifest.members],
     }
     blob = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _member_identity(m: MemberSpec) -> list[Any]:
+    # A whole member's entry is as before shared trunks existed: its identity is unchanged.
+    key = [m.arch, m.sha256, m.input_size, list(m.mean), list(m.std), float(m.temperature)]
+    return [*key, m.trunk_sha256] if m.trunk else key
 
 
 def _fusion_as_in_schema_1(manifest: Manifest) -> dict[str, Any] | None:

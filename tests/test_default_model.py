@@ -40,6 +40,21 @@ def test_default_package_is_bundled_intact_and_documented() -> None:
         assert auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
 
 
+def test_default_package_stores_its_one_trunk_once_and_runs_it_once() -> None:
+    """Four probe heads on one frozen EfficientNet-Lite0: one trunk file, one trunk run."""
+    from osteoscan.ensemble import Ensemble
+    from osteoscan.package import load_package
+
+    path = resolve_package(None)
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 20 * 1024**2
+    manifest = read_manifest(path)
+    assert len(manifest.members) == 4
+    assert len({m.trunk for m in manifest.members}) == 1 and manifest.members[0].trunk
+    assert manifest.training_fingerprints  # kept through the re-save
+    # Sharing is decided from the loaded weights, not from the manifest's trunk field.
+    assert [g.members for g in Ensemble(load_package(path), "cpu").groups] == [[0, 1, 2, 3]]
+
+
 def test_quickstart_scans_the_demo_archive_with_the_default_model(tmp_path: Path) -> None:
     demo = tmp_path / "examples"
     shutil.copytree(DEMO, demo / "demo")

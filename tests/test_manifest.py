@@ -72,10 +72,10 @@ def test_schema_1_thresholds_become_typed_fields(tiny_package) -> None:
     assert old.fusion == {"format": "osteoscan-fusion/1"}  # the key left the fusion dict
     assert old.threshold_for(fused=False) == 0.25 and old.threshold_for(fused=True) == 0.4
     written = old.to_dict()
-    assert written["schema_version"] == manifest_mod.SCHEMA_VERSION == 2
+    assert written["schema_version"] == manifest_mod.SCHEMA_VERSION == 3
     assert written["image_only_threshold"] == 0.25 and "thresholds" not in written["fusion"]
     new = manifest_mod.Manifest.from_dict(written)
-    assert new.to_dict() == written and new.schema_version == 2 and old.schema_version == 1
+    assert new.to_dict() == written and new.schema_version == 3 and old.schema_version == 1
     # A package keeps its identity across the schema change: nightly scans do not rescore.
     assert manifest_mod.package_identity(new) == manifest_mod.package_identity(old)
     moved = replace(new, image_only_threshold=0.3)
