@@ -40,3 +40,19 @@ def test_inspect_default_size_is_the_preprocess_default() -> None:
     from osteoscan.preprocess import PreprocessConfig
 
     assert PreprocessConfig().size == DEFAULT_SIZE
+
+
+def test_help_has_no_type_metavars_for_flags_and_is_never_cut() -> None:
+    """Help is plain text: no ``<bool>`` after on/off flags, no box cut at 80 columns in a log."""
+    from typer.testing import CliRunner
+
+    from osteoscan.cli import app
+
+    runner = CliRunner()
+    for command in ([], ["scan"], ["train"], ["evaluate"], ["inspect"], ["bench"], ["models"]):
+        result = runner.invoke(app, [*command, "-h"], terminal_width=80)
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output and "╭" not in result.output, command
+    scan_help = runner.invoke(app, ["scan", "-h"], terminal_width=80).output
+    for flag in ("--redact-paths", "--require-covariates", "--prune", "--heatmaps-for flagged|all"):
+        assert flag in scan_help
