@@ -292,3 +292,19 @@ def test_heads_and_digests_follow_the_registry() -> None:
     assert trunk_digest(twin.to(memory_format=torch.channels_last), "tiny_cnn") == trunk_digest(
         model, "tiny_cnn"
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_trunk_on_cuda_under_autocast() -> None:
+    models = _members()
+    x, want = _batch(), [True, False] * 3
+    copies = copy.deepcopy(models)  # Ensemble moves its models in place
+    whole = Ensemble(ModelPackage(Path("."), _manifest(4), copies), "cuda", share_trunks=False)
+    shared = Ensemble(ModelPackage(Path("."), _manifest(4), models), "cuda")
+    assert shared.amp_dtype is not None and [g.members for g in shared.groups] == [[0, 1, 3], [2]]
+    a, b = shared.predict(x, heatmaps=want), whole.predict(x, heatmaps=want)
+    np.testing.assert_allclose(a.member_probs, b.member_probs, rtol=0, atol=1e-6)
+    for got, ref, asked in zip(a.heatmaps, b.heatmaps, want, strict=True):
+        assert (got is not None) == asked
+        if got is not None:
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-3)
