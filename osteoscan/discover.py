@@ -25,8 +25,8 @@ import fnmatch
 import os
 import stat
 import struct
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_KINDS: tuple[str, ...] = ("dicom", "png", "jpeg", "tiff", "jpeg2000")
@@ -64,13 +64,17 @@ class Found:
 
     ``path`` is ``root / <relative path>`` as given (not resolved); ``root`` is the folder the walk
     started from (for a file given directly, its parent folder). ``kind`` is one of
-    :data:`IMAGE_KINDS`, ``"broken"`` or ``"ignored"``; ``reason`` says why for the latter two.
+    :data:`IMAGE_KINDS`, ``"broken"`` or ``"ignored"`` (``reason`` says why), or
+    :data:`UNCHECKED` when the caller said the file is unchanged since it was last read (its
+    content is then not opened: a nightly walk costs one ``stat`` per unchanged file).
     """
 
     path: Path
     root: Path
     kind: str
     reason: str = ""
+    # (size, mtime_ns) from the walk's own stat: planning needs no second stat
+    signature: tuple[int, int] | None = field(default=None, compare=False)
 
     @property
     def relpath(self) -> str:
@@ -221,12 +225,20 @@ def _strerror(exc: OSError) -> str:
     return exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
 
 
+UNCHECKED = "unchecked"
+# unchanged(path, size, mtime_ns) -> True when the caller already knows this file as it is now
+Unchanged = Callable[[str, int, int], bool]
+
+
 class _Walker:
     """State of one :func:`discover` call: directories and files already seen (by device/inode)."""
 
-    def __init__(self, include: Sequence[str], exclude: Sequence[str]) -> None:
+    def __init__(
+        self, include: Sequence[str], exclude: Sequence[str], unchanged: Unchanged | None = None
+    ) -> None:
         self.include = tuple(include)
         self.exclude = tuple(exclude)
+        self.unchanged = unchanged
         self.seen_dirs: dict[tuple[int, int], Path] = {}
         self.seen_files: dict[tuple[int, int], Path] = {}
 
@@ -242,6 +254,10 @@ class _Walker:
             if first is not None:
                 return Found(path, root, "ignored", f"same file as {first} (already listed)")
             self.seen_files[key] = path
+            sig = (st.st_size, st.st_mtime_ns)
+            if self.unchanged is not None and self.unchanged(str(path), *sig):
+                return Found(path, root, UNCHECKED, "", sig)
+            return Found(path, root, *sniff(path), sig)
         kind, reason = sniff(path)
         return Found(path, root, kind, reason)
 
@@ -317,6 +333,7 @@ def discover(
     paths: Sequence[str | Path],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    unchanged: Unchanged | None = None,
 ) -> Iterator[Found]:
     """Walk ``paths`` (files or folders) and yield one :class:`Found` per file met.
 
@@ -325,9 +342,11 @@ def discover(
     file reached twice. ``include``/``exclude`` are :mod:`fnmatch` globs matched against the path
     relative to its root and against the file name; exclude wins, and an excluded folder is not
     entered. Unreadable folders, vanished files and missing paths become ``ignored`` entries with
-    a reason: nothing here raises for a bad file or folder.
+    a reason: nothing here raises for a bad file or folder. ``unchanged(path, size, mtime_ns)``
+    lets a caller with a memory of earlier walks skip reading files it already knows
+    (:data:`UNCHECKED`; :func:`recheck` reads one later if needed).
     """
-    walker = _Walker(include, exclude)
+    walker = _Walker(include, exclude, unchanged)
     for given in paths:
         path = Path(given)
         try:
@@ -350,3 +369,10 @@ def discover(
             yield from walker.tree(path)
         elif walker.wanted(path.name, path.name):
             yield walker.file(path, path.parent, st)
+
+
+def recheck(found: Found) -> Found:
+    """A :data:`UNCHECKED` entry with its content kind read now (other entries unchanged)."""
+    if found.kind != UNCHECKED:
+        return found
+    return Found(found.path, found.root, *sniff(found.path), found.signature)

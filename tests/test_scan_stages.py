@@ -375,3 +375,23 @@ def test_vanished_files_are_marked_missing_then_pruned_and_an_empty_root_changes
     with pytest.raises(UsageError, match="is the archive mounted"):
         run_scan(cfg)
     assert (tmp_path / "r.csv").read_bytes() == before
+
+
+def test_a_rescan_opens_no_unchanged_file(
+    pngs: Path, tiny_package: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import osteoscan.discover as discover_module
+
+    cfg = ScanConfig(paths=[pngs], out=tmp_path / "r.csv", models=[str(tiny_package())],
+                     device="cpu", workers=0)  # fmt: skip
+    run_scan(cfg)
+    opened: list[str] = []
+    real = discover_module.sniff
+    monkeypatch.setattr(discover_module, "sniff", lambda p: opened.append(Path(p).name) or real(p))
+    synthetic.write_png(pngs / "new.png", synthetic.synthetic_knee(64, seed=7))
+    run_scan(cfg)
+    assert opened == ["new.png"]  # the six unchanged files cost a stat each, no read
+    opened.clear()
+    cfg.threshold = 0.3  # another run key: every file is planned again, and read
+    s = run_scan(cfg)
+    assert sorted(opened) == sorted(p.name for p in pngs.iterdir()) and s.counts["ok"] == 7

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from osteoscan.discover import Found
+from osteoscan.discover import Found, recheck
 from osteoscan.errors import OsteoscanError
 from osteoscan.rows import ScoredRow
 from osteoscan.scan.backfill import META_KEY as HEATMAP_META
@@ -97,7 +97,7 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         manifests = [read_manifest(resolve_package(ref)) for ref in refs]
         key = run_key_for(cfg, manifests)
         record_orphans(state, session.inflight_dir, key)  # files that crashed earlier runs
-        files, n_ignored = discover_files(cfg)
+        files, n_ignored = discover_files(cfg, state)  # unchanged files are not opened
         found = {str(f.path) for f in files}
         check_roots_not_emptied(state, cfg.paths, found)  # an unmounted share changes nothing
         n_vanished = mark_vanished(state, cfg.paths, found, prune=cfg.prune)
@@ -184,7 +184,7 @@ def _missing_heatmaps(
     want = paths_missing_heatmaps(state, key, blob=blob, png_dir=png,
                                   png_all=cfg.heatmaps_for == "all")  # fmt: skip
     planned = {str(f.path) for f in todo}
-    return [f for f in files if str(f.path) in want and str(f.path) not in planned]
+    return [recheck(f) for f in files if str(f.path) in want and str(f.path) not in planned]
 
 
 class _Run:

@@ -6,15 +6,10 @@ transaction per batch, and the CSV / flagged CSV / HDF5 are regenerated from it*
 fsync + ``os.replace``). A SIGKILL leaves the previous outputs untouched and every batch committed
 before it; the next run plans only the files not marked done, then rewrites the outputs.
 
-Identity
-    * image identity: ``ImageFrame.image_id`` (SOPInstanceUID [+ ``:frame``] for DICOM, else
-      ``sha256:`` + content hash) - never PHI; stored per row.
-    * model identity: a *run key* (:func:`osteoscan.scan.plan.run_key`) = hash of the package
-      identities plus every option that changes a score (threshold, ``--body-part``, covariates).
-    * file change detection without decoding: ``(size, mtime_ns)`` from one ``stat`` per file.
-      A file is skipped when its stat and the run key equal those stored when it was last
-      *completed* (all of its frames recorded). Anything else - new, changed, interrupted halfway
-      through its frames, other model - is planned again; ``force=True`` plans everything.
+Identity: ``image_id`` per row (SOPInstanceUID [+ ``:frame``], else a content hash; never PHI);
+the *run key* (:func:`osteoscan.scan.plan.run_key`: packages + options that change a score); and
+``(size, mtime_ns)`` per file. A file is skipped when its stat and the run key equal those stored
+when it was last *completed* (all frames recorded); anything else is planned again.
 
 Schema (``PRAGMA user_version = 2``; a version-1 file is migrated in place: the unused
 ``files.sha256`` column goes, ``rows.geometry`` comes)::
@@ -246,7 +241,8 @@ class ScanState:
         plan: Plan[T] = Plan()
         for item in found:
             path = get_path(item)
-            sig = FileSig.of(path) or FileSig(-1, -1)
+            seen = getattr(item, "signature", None)  # the walk's own stat, when it has one
+            sig = FileSig(*seen) if seen else FileSig.of(path) or FileSig(-1, -1)
             self._planned[path] = sig
             prev = known.get(path)
             if (
@@ -378,6 +374,11 @@ class ScanState:
                 decode_array(hm, hms, "float16", compressed=True),
                 geometry=InputGeometry.from_dict(json.loads(geo)) if geo else None,
             )
+
+    def signatures(self) -> dict[str, tuple[int, int]]:
+        """(size, mtime_ns) of every file completed so far, by path (the walk's memory)."""
+        sql = "SELECT path, size, mtime_ns FROM files"
+        return {p: (size, mtime) for p, size, mtime in self._conn.execute(sql)}
 
     def totals(self) -> dict[str, int]:
         """What the results hold now (all runs): rows, ``ok``/``skipped``/``error``, ``flagged``."""
