@@ -97,10 +97,11 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         manifests = [read_manifest(resolve_package(ref)) for ref in refs]
         key = run_key_for(cfg, manifests)
         record_orphans(state, session.inflight_dir, key)  # files that crashed earlier runs
-        files, n_ignored = discover_files(cfg, state)  # unchanged files are not opened
+        known = state.signatures()  # every completed file, read once a night
+        files, n_ignored = discover_files(cfg, known)  # unchanged files are not opened
         found = {str(f.path) for f in files}
-        check_roots_not_emptied(state, cfg.paths, found)  # an unmounted share changes nothing
-        n_vanished = mark_vanished(state, cfg.paths, found, prune=cfg.prune)
+        check_roots_not_emptied(known, cfg.paths, found)  # an unmounted share changes nothing
+        n_vanished = mark_vanished(state, known, cfg.paths, found, prune=cfg.prune)
         todo = plan_files(state, files, key, cfg.force)
         redo = _missing_heatmaps(cfg, state, key, files, todo)
         progress = _Progress(len(todo) + len(redo), on_event)

@@ -28,15 +28,17 @@ from osteoscan.scan.state import ScanState
 SUSPECT_LIMIT = 2  # runs that died while reading the same file before it is an error row
 
 
-def discover_files(cfg: ScanConfig, state: ScanState | None = None) -> tuple[list[Found], int]:
+def discover_files(
+    cfg: ScanConfig, known: Mapping[str, tuple[int, int]] | None = None
+) -> tuple[list[Found], int]:
     """Files that become rows (``ignored`` entries dropped) and how many were ignored.
 
-    With a ``state``, files whose size and mtime equal those of their last completed scan are
-    not opened (:data:`osteoscan.discover.UNCHECKED`): an unchanged file costs one ``stat``.
+    With ``known`` (:meth:`ScanState.signatures`), files whose size and mtime equal those of
+    their last completed scan are not opened (:data:`osteoscan.discover.UNCHECKED`): an unchanged
+    file costs one ``stat``.
     """
     unchanged = None
-    if state is not None:
-        known = state.signatures()
+    if known is not None:
 
         def unchanged(path: str, size: int, mtime_ns: int) -> bool:
             return known.get(path) == (size, mtime_ns)

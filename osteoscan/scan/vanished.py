@@ -25,9 +25,11 @@ def _under(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def check_roots_not_emptied(state: ScanState, roots: Iterable[str | Path], found: set[str]) -> None:
-    """Refuse a root that now holds nothing although files under it were scanned before."""
-    known = [p for (p,) in state.connection.execute("SELECT path FROM files")]
+def check_roots_not_emptied(
+    known: Iterable[str], roots: Iterable[str | Path], found: set[str]
+) -> None:
+    """Refuse a root that now holds nothing although ``known`` files under it were scanned."""
+    known = list(known)
     for root in map(str, roots):
         if any(_under(p, [root]) for p in found):
             continue
@@ -40,17 +42,23 @@ def check_roots_not_emptied(state: ScanState, roots: Iterable[str | Path], found
 
 
 def mark_vanished(
-    state: ScanState, roots: Iterable[str | Path], found: set[str], *, prune: bool
+    state: ScanState,
+    known: Iterable[str],
+    roots: Iterable[str | Path],
+    found: set[str],
+    *,
+    prune: bool,
 ) -> int:
     """Mark (or with ``prune`` delete) the rows of files under ``roots`` that no longer exist.
 
-    ``found`` are the paths discovered now. With ``prune``, rows already marked ``missing`` go
-    too. Returns the number of files marked or pruned; one transaction.
+    ``known`` are the files the state completed before, ``found`` the paths discovered now. With
+    ``prune``, rows already marked ``missing`` go too. Returns the files marked or pruned; one
+    transaction.
     """
     conn, root_list = state.connection, [str(r) for r in roots]
     gone = [
-        (p, done_at)
-        for p, done_at in conn.execute("SELECT path, done_at FROM files")
+        (p, conn.execute("SELECT done_at FROM files WHERE path=?", (p,)).fetchone()[0])
+        for p in known
         if p not in found and _under(p, root_list) and not os.path.lexists(p)
     ]
     marked = [p for (p,) in conn.execute("SELECT DISTINCT path FROM rows WHERE status=?",
