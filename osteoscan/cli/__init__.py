@@ -12,7 +12,7 @@ import sys
 import typer
 
 from osteoscan import __version__
-from osteoscan.cli import bench, evaluate, inspect, models, scan, train
+from osteoscan.cli import bench, evaluate, inspect, models, report, scan, train
 from osteoscan.errors import OsteoscanError
 
 app = typer.Typer(
@@ -47,7 +47,7 @@ def _root(
     """osteoscan: screen radiograph archives for osteoporosis (research use only)."""
 
 
-for _module in (scan, train, evaluate, inspect, models, bench):
+for _module in (scan, train, evaluate, inspect, models, bench, report):
     _module.register(app)
 
 
