@@ -7,8 +7,15 @@ system), fsynced, renamed over the target with ``os.replace`` and the folder fsy
 instant leaves either the previous file or the complete new one, never a partial file under the
 target name; a failed or aborted write removes its temporary file.
 
-Temporary names are ``.<target name>.<8 random characters>.tmp`` (``tempfile.mkstemp``): hidden,
-and matched by :data:`TEMP_NAME`, which the scan uses to sweep temporary files left by killed runs.
+Temporary names are ``.<target name>.<8 random characters>.tmp``: hidden, and matched by
+:data:`TEMP_NAME`, which the scan uses to sweep temporary files left by killed runs.
+
+Symbolic links planted by someone else are never written through. A temporary file is created
+exclusively (``O_CREAT | O_EXCL | O_NOFOLLOW``: a name that exists, a symlink included, is never
+opened; another random name is tried) and reopened only with ``O_NOFOLLOW``; its permissions are
+``0666`` less the user's umask, never wider. ``os.replace`` (``rename(2)``) replaces a symlink at
+the target path itself and never follows it. Files that are opened in place (the scan state, the
+lock files) are checked with :func:`refuse_symlink`.
 
 ``OSError`` while writing becomes :class:`OutputError` naming the file and the cause in words
 (:func:`output_error`): the CLI ends with exit 1 and earlier outputs stay intact.
@@ -20,13 +27,15 @@ import contextlib
 import errno
 import os
 import re
-import tempfile
+import secrets
+import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 from osteoscan.errors import OutputError
+from osteoscan.inert import log_safe
 
 # errno → words for the causes a person can fix; anything else keeps the system's own text.
 _OUTPUT_ERRNOS = {
@@ -40,7 +49,12 @@ _OUTPUT_ERRNOS = {
     errno.EIO: "an I/O error occurred",
 }
 TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # the names AtomicFile's temporaries get
-FILE_MODE = 0o644  # mkstemp makes 0600; outputs and packages are shared, readable files
+# Outputs and packages are shared, readable files, as far as the user's umask allows (never wider).
+FILE_MODE = 0o666
+_RANDOM = string.ascii_letters + string.digits
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NAME_MAX = 255
 
 
 def output_error(target: str | Path, exc: OSError) -> OutputError:
@@ -48,7 +62,7 @@ def output_error(target: str | Path, exc: OSError) -> OutputError:
     why = _OUTPUT_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))
     name = errno.errorcode.get(exc.errno or 0, "")
     return OutputError(
-        f"cannot write {target}: {why}{f' ({name})' if name else ''}. "
+        f"cannot write {log_safe(target)}: {why}{f' ({name})' if name else ''}. "
         "Earlier results are intact; fix the cause and re-run."
     )
 
@@ -60,6 +74,52 @@ def output_errors(target: str | Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise output_error(target, exc) from exc
+
+
+def refuse_symlink(path: str | Path, what: str = "file") -> None:
+    """Raise :class:`OutputError` when ``path`` is a symbolic link (dangling or not).
+
+    For files osteoscan opens in place rather than replacing (the scan state and its ``-wal``,
+    ``-shm`` and ``-journal`` companions, lock files): writing through a link planted by someone
+    else would write wherever it points.
+    """
+    if os.path.islink(path):
+        raise OutputError(
+            f"refusing to open the {what} {log_safe(path)}: it is a symbolic link (to "
+            f"{log_safe(os.readlink(path))}), which osteoscan never writes through; remove the "
+            "link or choose another path"
+        )
+
+
+def create_exclusive(folder: str | Path, prefix: str, suffix: str = ".tmp") -> tuple[int, Path]:
+    """Create a new file ``<folder>/<prefix><8 random characters><suffix>`` that did not exist
+    (never following a symlink), mode ``0666`` less the umask; returns (fd, path)."""
+    keep = _NAME_MAX - 8 - len(suffix)
+    if len(os.fsencode(prefix)) > keep:  # a very long target name: keep the temporary legal
+        prefix = os.fsdecode(os.fsencode(prefix)[:keep]) if keep > 0 else "."
+    for _ in range(100):
+        name = prefix + "".join(secrets.choice(_RANDOM) for _ in range(8)) + suffix
+        path = Path(folder) / name
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+            return os.open(path, flags, FILE_MODE), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(folder))
+
+
+def _open_flags(mode: str) -> int:
+    if "+" in mode:
+        flags = os.O_RDWR
+    elif "r" in mode:
+        flags = os.O_RDONLY
+    else:
+        flags = os.O_WRONLY
+    if "w" in mode:
+        flags |= os.O_TRUNC
+    if "a" in mode:
+        flags |= os.O_APPEND
+    return flags | _NOFOLLOW | _CLOEXEC
 
 
 def fsync_dir(folder: str | Path) -> None:
@@ -88,18 +148,20 @@ class AtomicFile:
         self.target = Path(target)
         with output_errors(self.target):
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(
-                prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent
-            )
+            fd, self.tmp = create_exclusive(self.target.parent, f".{self.target.name}.")
         os.close(fd)
-        self.tmp = Path(name)
         self.done = False
         self._handles: list[IO[Any]] = []
 
     def open(self, mode: str = "wb", **kwargs: Any) -> IO[Any]:
         """Open the temporary file (closed here at the latest on commit or abort)."""
         with output_errors(self.target):
-            fh = open(self.tmp, mode, **kwargs)  # noqa: SIM115 - closed by commit/abort
+            fd = os.open(self.tmp, _open_flags(mode))  # never through a link put in its place
+            try:
+                fh = os.fdopen(fd, mode, **kwargs)
+            except BaseException:
+                os.close(fd)
+                raise
         self._handles.append(fh)
         return fh
 
@@ -110,9 +172,13 @@ class AtomicFile:
         try:
             for fh in self._handles:
                 fh.close()
-            with open(self.tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(self.tmp, FILE_MODE)
+            fd = os.open(self.tmp, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # rename(2) replaces whatever is at ``final`` (a planted symlink included) without
+            # following it: the data never lands outside the output folder.
             os.replace(self.tmp, final)
         except OSError as exc:
             self.abort()
@@ -158,9 +224,15 @@ def atomic_write(target: str | Path, write: Callable[[Path], object]) -> Path:
 
 def write_bytes(target: str | Path, data: bytes) -> Path:
     """Atomically replace ``target`` with ``data``."""
-    return atomic_write(target, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(target, lambda tmp: _write_nofollow(tmp, data))
 
 
 def write_text(target: str | Path, text: str) -> Path:
     """Atomically replace ``target`` with UTF-8 ``text``."""
-    return atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(target, lambda tmp: _write_nofollow(tmp, text.encode("utf-8")))
+
+
+def _write_nofollow(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | _NOFOLLOW | _CLOEXEC)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)

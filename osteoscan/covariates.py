@@ -12,7 +12,13 @@ Only age and sex are read; no other column (names, IDs, birth dates) is kept.
 
 :class:`CovariateTally` says what happened on a run: how many images got age/sex from the DICOM
 header, from the CSV, or not at all, and which CSV rows matched no image or held unusable values
-(``sixty``, ``-5``, ``250``, sex ``X``). It returns messages; it never prints.
+(``sixty``, ``-5``, ``250``, sex ``X``). It returns messages; it never prints. Names and values
+quoted in its messages come from the CSV and the archive: they are inert text
+(:func:`osteoscan.inert.log_safe`, cut short).
+
+:func:`write_covariates_csv` writes keys as inert cells (a key starting with ``=`` gets a leading
+``'``, OWASP); :meth:`CovariateTable.from_csv` drops that ``'`` again, so such a file reads back
+the same. Ages are written as plain numbers and never prefixed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from osteoscan.errors import UsageError
+from osteoscan.inert import cap, csv_cell, log_safe, uncell
 
 # Plausible ages; anything outside is a data-entry error, not a covariate.
 MAX_AGE_YEARS = 130.0
@@ -217,7 +224,7 @@ class CovariateTable:
                 )
             table = cls()
             for row in reader:
-                key = (row.get(key_col) or "").strip()
+                key = uncell((row.get(key_col) or "").strip())
                 age_raw = row.get(a_col) if a_col else None
                 sex_raw = row.get(s_col) if s_col else None
                 cov = Covariates(age=parse_age(age_raw), sex=parse_sex(sex_raw))
@@ -278,13 +285,16 @@ def write_covariates_csv(
         writer.writerow(["path", "age", "sex"])
         for key, age, sex in items:
             age_text = "" if age is None else f"{age:g}"
-            writer.writerow([key, age_text, parse_sex(sex) or ""])
+            writer.writerow([csv_cell(key), age_text, parse_sex(sex) or ""])
     return path
 
 
+_QUOTED_CHARS = 120  # of one name or value quoted in a message
+
+
 def _some(items: Iterable[str]) -> str:
-    """The first few ``items`` and how many more: ``'a', 'b' and 3 more``."""
-    listed = list(items)
+    """The first few ``items`` and how many more: ``'a', 'b' and 3 more`` (inert, short)."""
+    listed = [cap(log_safe(item), _QUOTED_CHARS) for item in items]
     more = len(listed) - _EXAMPLES
     return ", ".join(listed[:_EXAMPLES]) + (f" and {more} more" if more > 0 else "")
 

@@ -40,6 +40,7 @@ import numpy as np
 from pydicom.uid import UID
 
 from osteoscan.frames import ImageFrame
+from osteoscan.inert import dicom_value, valid_uid
 
 __all__ = ["GateCode", "Decision", "decide", "dicom_decision", "content_decision"]
 
@@ -151,21 +152,32 @@ def _sop_kind(sop: str) -> str:
 
 def _colour(info: Mapping[str, Any]) -> str:
     """The photometric interpretation when the pixel data are colour, else ''."""
-    photometric = str(info.get("photometric") or "").strip().upper()
+    photometric = _code(info, "photometric")
     samples = info.get("samples_per_pixel") or 1
     if photometric not in _GREY:
         return photometric
     return "RGB" if int(samples) > 1 else ""
 
 
+def _code(info: Mapping[str, Any], key: str) -> str:
+    """A header code from ``info``, checked as a DICOM CS (quoted in reasons: never raw)."""
+    return dicom_value(info.get(key) or "", "CS").strip().upper()
+
+
 def dicom_decision(info: Mapping[str, Any]) -> Decision:
-    """The gate for a DICOM frame, from header facts only (the reader's ``info``)."""
-    modality = str(info.get("modality") or "").strip().upper()
-    sop = str(info.get("sop_class_uid") or "").strip()
+    """The gate for a DICOM frame, from header facts only (the reader's ``info``).
+
+    The reader checks header values against their VR; they are checked again here because
+    every one of them may be quoted in the reason, and ``info`` may come from another reader.
+    """
+    modality = _code(info, "modality")
+    raw_sop = str(info.get("sop_class_uid") or "").strip()
+    sop = raw_sop if valid_uid(raw_sop) else ""
     kind = _sop_kind(sop)
     sop_name = UID(sop).name if sop else "none"
     colour = _colour(info)
-    image_type = {str(v).strip().upper() for v in info.get("image_type") or ()}
+    image_types = [dicom_value(v, "CS").strip() for v in info.get("image_type") or ()]
+    image_type = {v.upper() for v in image_types}
     if modality in _MODALITY_NAMES:
         return _skip(GateCode.MODALITY, f"{_MODALITY_NAMES[modality]} (Modality={modality})")
     if kind == "other":
@@ -177,7 +189,7 @@ def dicom_decision(info: Mapping[str, Any]) -> Decision:
             f"{what} (Modality={modality or 'none'}, PhotometricInterpretation={colour}); "
             "radiographs are greyscale",
         )
-    processing = str(info.get("presentation_intent") or "").strip().upper() == "FOR PROCESSING"
+    processing = _code(info, "presentation_intent") == "FOR PROCESSING"
     if kind == "for_processing" or processing:
         return _skip(
             GateCode.FOR_PROCESSING,
@@ -185,7 +197,7 @@ def dicom_decision(info: Mapping[str, Any]) -> Decision:
             "not meant for viewing; export the 'for presentation' image",
         )
     if image_type & _SCREEN_TOKENS:
-        shown = "\\".join(str(v) for v in info.get("image_type") or ())
+        shown = "\\".join(image_types)
         return _skip(GateCode.SECONDARY_CAPTURE, f"screen capture (ImageType={shown})")
     if modality in PROJECTION_MODALITIES:
         return Decision(GateCode.RADIOGRAPH, f"projection radiograph (Modality={modality})")
@@ -196,11 +208,11 @@ def dicom_decision(info: Mapping[str, Any]) -> Decision:
             f"projection radiograph by SOP class ({sop_name}; Modality={modality or 'none'})",
         )
     if kind == "secondary" or modality == "OT":
-        if str(info.get("conversion_type") or "").strip().upper() == "DF":
+        conversion = _code(info, "conversion_type") or "none"
+        if conversion == "DF":
             return Decision(
                 GateCode.DIGITIZED_FILM, "digitized film (secondary capture, ConversionType=DF)"
             )
-        conversion = str(info.get("conversion_type") or "") or "none"
         return _skip(
             GateCode.SECONDARY_CAPTURE,
             f"secondary capture (Modality={modality or 'none'}, ConversionType={conversion}): "

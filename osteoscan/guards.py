@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from osteoscan.frames import ImageFrame, ReadLimits
+from osteoscan.inert import cap, log_safe
 
 
 class FileTimeout(Exception):
@@ -142,7 +143,9 @@ class Watchdog:
         self._lock = threading.Lock()
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.dir / f"{os.getpid()}.inflight", os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: never write through a symlink planted at the log's path
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            self._fd = os.open(self.dir / f"{os.getpid()}.inflight", flags, 0o644)
         if hard_seconds:
             threading.Thread(target=self._watch, name="osteoscan-watchdog", daemon=True).start()
 
@@ -258,8 +261,10 @@ def guarded_read(
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - Rust decoders' PanicException is a BaseException
-        # A reader must not raise, but one bad file never stops the run.
-        return [error_frame(path, f"unreadable: {type(exc).__name__}: {exc}", kind or "")]
+        # A reader must not raise, but one bad file never stops the run. The message may quote
+        # the file's bytes: inert and short.
+        why = cap(log_safe(f"unreadable: {type(exc).__name__}: {exc}"), 300)
+        return [error_frame(path, why, kind or "")]
     for fr in frames:
         img = fr.image
         if img is None:

@@ -25,7 +25,11 @@ import datetime as _dt
 import re
 from typing import Any
 
-__all__ = ["body_part", "body_part_from_text", "age_years", "sex"]
+from pydicom.datadict import dictionary_VR
+
+from osteoscan.inert import dicom_value
+
+__all__ = ["body_part", "body_part_from_text", "age_years", "sex", "header_text"]
 
 # Tokens matched on upper-cased text with non-alphanumerics turned into spaces. Multi-word terms
 # are matched as phrases; single tokens as whole words (so "KNEEL" or "BACKSPINE" do not match).
@@ -127,12 +131,27 @@ def body_part_from_text(text: str | None) -> str:
     return "unknown"
 
 
-def _text(ds: Any, keyword: str) -> str:
+def header_text(ds: Any, keyword: str) -> str:
+    """The value of ``keyword`` checked against its VR (:func:`osteoscan.inert.dicom_value`):
+    ``""`` when absent, unreadable, or outside the VR's length and character repertoire.
+
+    Every header value osteoscan shows, quotes or decides on is read through here, so a corrupt
+    element that swallowed the elements after it (patient name and ID included) is dropped.
+    """
     try:
         value = ds.get(keyword, "")
     except Exception:  # noqa: BLE001 - a malformed element must not stop routing
         return ""
-    return str(value or "").strip()
+    if hasattr(value, "value") and hasattr(value, "VR"):  # a DataElement, not its value
+        value = value.value
+    return dicom_value(value, _vr(keyword)).strip()
+
+
+def _vr(keyword: str) -> str:
+    try:
+        return str(dictionary_VR(keyword))
+    except KeyError:
+        return "LO"  # a keyword outside the dictionary: treat as the strictest free text
 
 
 def _quote(keyword: str, value: str) -> str:
@@ -143,7 +162,7 @@ def _quote(keyword: str, value: str) -> str:
 
 def body_part(ds: Any) -> tuple[str, str]:
     """(``knee`` | ``spine`` | ``unknown``, reason) for a pydicom dataset; see the module docs."""
-    bpe = _text(ds, "BodyPartExamined")
+    bpe = header_text(ds, "BodyPartExamined")
     part = body_part_from_text(bpe)
     if part != "unknown":
         return part, _quote("BodyPartExamined", bpe)
@@ -151,7 +170,7 @@ def body_part(ds: Any) -> tuple[str, str]:
     if specific_other:
         return "unknown", f"{_quote('BodyPartExamined', bpe)} is neither knee nor spine"
     for keyword in ("StudyDescription", "SeriesDescription", "ProtocolName"):
-        text = _text(ds, keyword)
+        text = header_text(ds, keyword)
         part = body_part_from_text(text)
         if part != "unknown":
             return part, _quote(keyword, text)
@@ -165,7 +184,7 @@ def states_body_part(ds: Any) -> bool:
     Routing decides on this flag, never on reason text: a stated part is final, and only files
     that state none take ``--body-part`` or the single part the loaded models serve.
     """
-    bpe = _text(ds, "BodyPartExamined")
+    bpe = header_text(ds, "BodyPartExamined")
     return body_part(ds)[0] != "unknown" or (bool(bpe) and _normalise(bpe) not in _UNSPECIFIC)
 
 
@@ -192,11 +211,15 @@ def _date(value: str) -> _dt.date | None:
 
 def age_years(ds: Any) -> float | None:
     """Patient age in years (PatientAge, else StudyDate − PatientBirthDate), or ``None``."""
-    age = age_from_string(_text(ds, "PatientAge"))
+    age = age_from_string(header_text(ds, "PatientAge"))
     if age is not None:
         return age
-    birth = _date(_text(ds, "PatientBirthDate"))
-    study = _date(_text(ds, "StudyDate") or _text(ds, "SeriesDate") or _text(ds, "ContentDate"))
+    birth = _date(header_text(ds, "PatientBirthDate"))
+    study = _date(
+        header_text(ds, "StudyDate")
+        or header_text(ds, "SeriesDate")
+        or header_text(ds, "ContentDate")
+    )
     if birth is None or study is None or study < birth:
         return None
     years = (study - birth).days / 365.25
@@ -205,7 +228,7 @@ def age_years(ds: Any) -> float | None:
 
 def sex(ds: Any) -> str | None:
     """``"F"``, ``"M"`` or ``None`` from PatientSex (``O``, empty or odd values → ``None``)."""
-    value = _text(ds, "PatientSex").upper()
+    value = header_text(ds, "PatientSex").upper()
     if value in {"F", "FEMALE"}:
         return "F"
     if value in {"M", "MALE"}:

@@ -10,6 +10,13 @@ fields, the state stores :meth:`ResultRow.as_dict`, and the writers format each 
     [, patient_id, accession_number]
 
 Times are UTC, ISO 8601 to the second with a ``Z`` (``2026-11-30T10:14:25Z``), everywhere.
+
+CSV cells are inert (:func:`osteoscan.inert.csv_cell`): text cells (path, image_id, reason,
+body part, model, heatmap, covariates, identifiers…) show control characters as visible escapes,
+are cut to a few KB, and get a leading ``'`` when they start like a formula (``=``, ``+``, ``-``,
+``@``, tab, CR). Numeric cells (``p_<class>``, score, threshold, uncertainty, frame, flagged)
+are written as numbers; a text cell that is a plain number (``-0.5``) is never prefixed. The
+state and the HDF5 keep the raw values (:meth:`ResultRow.as_dict`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from osteoscan.inert import csv_cell
 
 if TYPE_CHECKING:
     from osteoscan.geometry import InputGeometry
@@ -60,7 +69,8 @@ def result_columns(classes: Sequence[str], *, phi: bool = False) -> list[str]:
 
 
 def format_value(column: str, value: Any) -> str:
-    """One CSV cell: floats with 6 decimals, booleans lower-case, None empty."""
+    """One CSV cell: floats with 6 decimals, booleans lower-case, None empty, integers as they
+    are, and any other value as inert text (:func:`osteoscan.inert.csv_cell`)."""
     if value is None:
         return ""
     if isinstance(value, (bool, np.bool_)):
@@ -68,7 +78,9 @@ def format_value(column: str, value: Any) -> str:
     if column.startswith("p_") or column in _FLOAT_COLUMNS:
         v = float(value)
         return "" if np.isnan(v) else f"{v:.6f}"
-    return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return csv_cell(value)
 
 
 @dataclass

@@ -1,9 +1,17 @@
-"""`osteoscan inspect PATH... [--json] [--export DIR]`: what the model would see, and why."""
+"""`osteoscan inspect PATH... [--json] [--export DIR]`: what the model would see, and why.
+
+File names and header values are hostile data, shown as inert text: the terminal table shows
+them without Rich markup and with control characters as visible escapes; plain lines are TSV cells
+made inert (:func:`osteoscan.inert.csv_cell`: escapes, a few KB at most, a leading ``'`` before a
+formula); ``--json`` escapes what JSON itself would leave raw (DEL, C1 controls, bidi overrides,
+undecodable bytes of a file name).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -14,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from osteoscan.errors import UsageError
+from osteoscan.inert import csv_cell, log_safe
 
 if TYPE_CHECKING:
     from osteoscan.discover import Found
@@ -74,15 +83,31 @@ def _table(rows: list[dict[str, Any]]) -> Table:
             min_width=None if ratio else width,
         )  # fmt: skip
     for cells, row in zip(body, rows, strict=True):
-        shown: list[str | Text] = [cells[index[name]] for name, _ in _TERMINAL]
+        # Text, not str: a file name with "[bold]" or "[link=…]" must not be read as markup
+        shown: list[str | Text] = [Text(log_safe(cells[index[name]])) for name, _ in _TERMINAL]
         shown[2] = Text(row["status"], style=_STATUS_STYLE.get(row["status"], ""))
         table.add_row(*shown)
     return table
 
 
 def plain_line(row: dict[str, Any]) -> str:
-    """One tab-separated line per frame, never cut: what logs and pipes get."""
-    return "\t".join(c.replace("\t", " ").replace("\n", " ") for c in _cells(row))
+    """One tab-separated line per frame, not cut to the console: what logs and pipes get.
+
+    Each cell is inert (tabs and newlines inside it become visible escapes, a formula gets a
+    leading ``'``, at most a few KB).
+    """
+    return "\t".join(csv_cell(c) for c in _cells(row))
+
+
+# What json.dumps(ensure_ascii=False) leaves raw but a terminal may act on; these can only
+# occur inside JSON strings, where a \uXXXX escape is valid and reads back as the same text.
+_JSON_RAW = re.compile("[\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One JSON object per frame, with every character a terminal could act on escaped."""
+    text = json.dumps(row, ensure_ascii=False)
+    return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _summary(rows_by_status: dict[str, int], ignored: list[Found]) -> str:
@@ -160,7 +185,7 @@ def register(app: typer.Typer) -> None:
             if json_lines:
                 # Streamed so a long walk shows progress and a pipe consumer can start at once.
                 try:
-                    sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    sys.stdout.write(json_line(row) + "\n")
                     sys.stdout.flush()
                 except BrokenPipeError:
                     # `osteoscan inspect DIR --json | head`: the reader left; stop quietly.
@@ -179,5 +204,6 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.flush()
         if show_ignored:
             for found in ignored:
-                err.print(f"ignored {found.path}: {found.reason}", markup=False, highlight=False)
+                err.print(log_safe(f"ignored {found.path}: {found.reason}"), markup=False,
+                          highlight=False)  # fmt: skip
         err.print(_summary(counts, ignored), markup=False, highlight=False)

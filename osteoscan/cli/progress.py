@@ -3,6 +3,10 @@
 The core (:func:`osteoscan.scan.pipeline.run_scan`) only emits :class:`ScanEvent` objects; this
 module decides how a person (or a cron log) sees them. ``--quiet`` or a non-terminal stderr give
 plain, timestamped lines (start, at most one every ``log_every`` seconds, done).
+
+Every line and every cell shown passes through :func:`osteoscan.inert.log_safe` (and Rich markup
+escaping): a file name or header value with ``\x1b[2J`` or ``[bold]`` is shown as text, never
+acted on by the terminal of whoever reads the log.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,8 +27,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from osteoscan.inert import log_safe
 from osteoscan.rows import utc_now
 from osteoscan.scan.config import ScanEvent, ScanSummary
+
+
+def _shown(text: object) -> str:
+    """Inert text for the Rich display: visible escapes, and markup shown as written."""
+    return escape(log_safe(text))
 
 
 def _eta(seconds: float | None) -> str:
@@ -51,7 +62,7 @@ class LogReporter:
         self._last = 0.0
 
     def _line(self, text: str) -> None:
-        self.console.print(f"{utc_now()} osteoscan {self.prefix}: {text}", markup=False,
+        self.console.print(f"{utc_now()} osteoscan {self.prefix}: {log_safe(text)}", markup=False,
                            highlight=False, soft_wrap=True)  # fmt: skip
 
     def __call__(self, ev: ScanEvent) -> None:
@@ -133,20 +144,20 @@ class RichReporter:
             if k in s.counts or k != "unchanged":
                 t.add_row(k, str(s.counts.get(k, 0)))
         t.add_row("time", f"{s.elapsed_s:.1f} s ({s.images_per_s:.1f} images/s)")
-        t.add_row("model", ", ".join(s.models))
-        t.add_row("device", f"{s.device}, {s.workers} workers, batch {s.batch_size}")
-        t.add_row("results", str(s.out) + (" (up to date)" if s.written == [] else ""))
+        t.add_row("model", _shown(", ".join(s.models)))
+        t.add_row("device", _shown(f"{s.device}, {s.workers} workers, batch {s.batch_size}"))
+        t.add_row("results", _shown(s.out) + (" (up to date)" if s.written == [] else ""))
         t.add_row("results hold", held(s))
         if s.covariates:
-            t.add_row("covariates", s.covariates)
-        t.add_row("flagged", str(s.flagged_out))
+            t.add_row("covariates", _shown(s.covariates))
+        t.add_row("flagged", _shown(s.flagged_out))
         if s.hdf5:
-            t.add_row("hdf5", str(s.hdf5))
+            t.add_row("hdf5", _shown(s.hdf5))
         if s.heatmaps_dir:
-            t.add_row("heatmaps", str(s.heatmaps_dir))
+            t.add_row("heatmaps", _shown(s.heatmaps_dir))
         self.console.print(t)
         for warning in s.warnings:
-            self.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            self.console.print(f"[yellow]warning:[/] {_shown(warning)}", highlight=False)
 
 
 def make_reporter(quiet: bool, console: Console | None = None) -> LogReporter | RichReporter:

@@ -7,6 +7,12 @@ any decoding) → decoder installed for the transfer syntax → native pixel dat
 decode frame by frame → :func:`osteoscan.readers.pixels.to_display` (modality LUT → VOI →
 MONOCHROME1 inversion). Per-frame rescale and window values of enhanced multi-frame objects
 (functional groups) are honoured.
+
+Header values are hostile data: every one that reaches a record (``info``, reasons, body part,
+age, sex, ``image_id``) is read through :func:`osteoscan.header.header_text`, i.e. checked against
+its VR and dropped or cut when it fails. ``image_id`` is the SOPInstanceUID only when that is a
+valid UID; otherwise it is the content hash and the reason says so. A parser message quoted in a
+reason is made inert (:func:`osteoscan.inert.log_safe`) and short.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from osteoscan import header
 from osteoscan.frames import ImageFrame, ReadLimits, Status
 from osteoscan.hashing import content_image_id
+from osteoscan.inert import cap, log_safe, valid_uid
 from osteoscan.readers import codecs, pixels
 from osteoscan.readers.capture import decoder_messages
 
@@ -46,11 +53,25 @@ def _error(path: str, reason: str, **kw: Any) -> list[ImageFrame]:
     return [ImageFrame(path=path, status="error", reason=reason, kind="dicom", **kw)]
 
 
+INVALID_UID = "SOPInstanceUID is not a valid UID: image_id is the file's content hash"
+_MESSAGE_CHARS = 160  # of a parser's message quoted in a reason
+
+
+def _message(exc: BaseException, limit: int = _MESSAGE_CHARS) -> str:
+    """A parser exception as inert, short text for a reason (it may quote header bytes)."""
+    return cap(log_safe(str(exc) or type(exc).__name__), limit)
+
+
+def _uid_name(uid: str) -> str:
+    """The name of a (checked) UID: pydicom's name when known, else the UID itself."""
+    return UID(uid).name if uid else ""
+
+
 def non_image_reason(ds: Dataset) -> str:
     """Why ``ds`` is not an image object (empty string when it may be one)."""
-    sop = str(ds.get("SOPClassUID", "") or "")
-    name = UID(sop).name if sop else ""
-    modality = str(ds.get("Modality", "") or "").upper()
+    sop = header.header_text(ds, "SOPClassUID")
+    name = _uid_name(sop)
+    modality = header.header_text(ds, "Modality").upper()
     is_rt = name.startswith("RT ") and name != "RT Image Storage"
     if any(frag in name for frag in _NON_IMAGE_NAMES) or is_rt:
         return f"non-image DICOM object ({name}) — not a radiograph"
@@ -86,9 +107,11 @@ def _floats(value: Any) -> list[float]:
 
 
 def _fix_transfer_syntax(ds: Dataset) -> str:
-    """Transfer syntax UID, inferred from the encoding for preamble-less files without meta."""
+    """Transfer syntax UID, inferred from the encoding for preamble-less files without meta
+    (or with a value that is not a UID)."""
     meta = getattr(ds, "file_meta", None)
-    uid = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    # checked: the name of an unknown syntax is the UID itself, shown in reasons and inspect
+    uid = header.header_text(meta, "TransferSyntaxUID") if meta is not None else ""
     if uid:
         return uid
     implicit, little = ds.original_encoding
@@ -175,8 +198,8 @@ def _values(value: Any) -> list[Any]:
 def _empty_dataset_reason(ds: Dataset, size: int) -> str:
     """Why a parse gave no image elements: a fragment, a cut-short DICOM file, or not DICOM."""
     meta = getattr(ds, "file_meta", None)
-    sop = str(getattr(meta, "MediaStorageSOPClassUID", "") or "") if meta is not None else ""
-    ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    sop = header.header_text(meta, "MediaStorageSOPClassUID") if meta is not None else ""
+    ts = header.header_text(meta, "TransferSyntaxUID") if meta is not None else ""
     if len(ds) > 0:
         return (
             "DICOM file without an image: none of SOPClassUID, Modality, Rows or PixelData is "
@@ -185,7 +208,7 @@ def _empty_dataset_reason(ds: Dataset, size: int) -> str:
     if sop or ts:
         # The Part 10 header was read, so this is a DICOM file whose data set could not be: in
         # practice a file cut short inside its (often compressed) pixel data.
-        what = ", ".join(x for x in (UID(sop).name if sop else "", codecs.syntax_name(ts)) if x)
+        what = ", ".join(x for x in (_uid_name(sop), codecs.syntax_name(ts)) if x)
         return (
             f"truncated or corrupt DICOM file ({what}): its file header is readable but the data "
             f"set after it is not ({size} bytes; cut short during transfer?) — resend the file"
@@ -249,17 +272,17 @@ def _read_dicom(path: str | Path, limits: ReadLimits | None, decode: bool) -> li
     try:
         ds = pydicom.dcmread(p, force=True, defer_size=None if decode else 1 << 16)
     except Exception as exc:  # noqa: BLE001 - any parse failure becomes an error row
-        msg = str(exc) or type(exc).__name__
+        msg = _message(exc, 200)
         lowered = msg.lower()
         if any(
             w in lowered for w in ("end of file", "truncat", "unexpected eof", "bytes expected")
         ):
             return _error(shown, f"truncated DICOM file (cut short mid-element): {msg[:160]}")
-        return _error(shown, f"not a readable DICOM file: {msg[:200]}")
+        return _error(shown, f"not a readable DICOM file: {msg}")
     try:
         return _from_dataset(ds, shown, p, size, limits, decode)
     except Exception as exc:  # noqa: BLE001 - malformed elements surface lazily, on access
-        return _error(shown, f"corrupt DICOM header: {type(exc).__name__}: {str(exc)[:160]}")
+        return _error(shown, f"corrupt DICOM header: {type(exc).__name__}: {_message(exc)}")
 
 
 def _from_dataset(
@@ -270,47 +293,49 @@ def _from_dataset(
     ts = _fix_transfer_syntax(ds)
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
     n_frames = max(_int(ds, "NumberOfFrames", 1), 1)
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    text = lambda keyword: header.header_text(ds, keyword)  # noqa: E731 - checked against its VR
+    photometric = text("PhotometricInterpretation").upper()
     bits_alloc = _int(ds, "BitsAllocated", 0)
     bits_stored = _int(ds, "BitsStored", bits_alloc) or bits_alloc
-    sop = str(ds.get("SOPClassUID", "") or "")
+    sop = text("SOPClassUID")
     part, part_reason = header.body_part(ds)
     info: dict[str, Any] = {
-        "modality": str(ds.get("Modality", "") or ""),
+        "modality": text("Modality"),
         "photometric": photometric,
         "transfer_syntax": codecs.syntax_name(ts),
         "bits_stored": bits_stored,
         "rows": rows,
         "columns": cols,
         "n_frames": n_frames,
-        "sop_class": UID(sop).name if sop else "",
+        "sop_class": _uid_name(sop),
         "voi": "",
         "file_size": size,
         # header facts the gate (osteoscan.gate) decides on
         "sop_class_uid": sop,
-        "image_type": [str(v) for v in _values(ds.get("ImageType"))],
+        "image_type": [v for v in text("ImageType").split("\\") if v],
         "samples_per_pixel": _int(ds, "SamplesPerPixel", 1),
-        "conversion_type": str(ds.get("ConversionType", "") or ""),
-        "presentation_intent": str(ds.get("PresentationIntentType", "") or ""),
+        "conversion_type": text("ConversionType"),
+        "presentation_intent": text("PresentationIntentType"),
     }
     for keyword, key in (
         ("ViewPosition", "view_position"),
         ("ImageLaterality", "laterality"),
         ("Laterality", "laterality"),
     ):
-        if ds.get(keyword) and key not in info:
-            info[key] = str(ds.get(keyword))
-    uid = str(ds.get("SOPInstanceUID", "") or "")
+        if text(keyword) and key not in info:
+            info[key] = text(keyword)
+    uid, uid_note = _instance_uid(ds)
     stated, age, sex = header.states_body_part(ds), header.age_years(ds), header.sex(ds)
 
     def frames(status: Status, reason: str = "", count: int = 1) -> list[ImageFrame]:
         base = uid or content_image_id(p)
+        why = "; ".join(x for x in (reason, uid_note) if x)
         return [
             ImageFrame(
                 path=shown,
                 frame=i,
                 status=status,
-                reason=reason,
+                reason=why,
                 kind="dicom",
                 image_id=base + (f":{i}" if count > 1 else ""),
                 info=dict(info),
@@ -359,6 +384,22 @@ def _from_dataset(
                 "promises (incomplete transfer?) — resend the file",
             )
     return _decode_frames(ds, frames("ok", "", n_frames), bits_stored, ts)
+
+
+def _instance_uid(ds: Dataset) -> tuple[str, str]:
+    """(SOPInstanceUID when it is a valid UID, else ``""``; a note when one was there but bad).
+
+    The raw value is never returned: a corrupt length can make it swallow the elements after it
+    (patient name and ID among them), and ``image_id`` goes to every output.
+    """
+    try:
+        elem = ds.get("SOPInstanceUID")
+        raw = elem if elem is None else str(elem)
+    except Exception:  # noqa: BLE001 - an undecodable element is an invalid UID
+        return "", INVALID_UID
+    if raw is None or not raw.strip("\x00 "):
+        return "", ""
+    return (raw.strip("\x00 "), "") if valid_uid(raw) else ("", INVALID_UID)
 
 
 def _decode_frames(

@@ -13,7 +13,9 @@ threads of the same process, so an in-process registry refuses a second lock on 
 
 The file holds one JSON line ``{"pid", "host", "started_at", "argv"}`` so a refused run can name
 the running process. It is never deleted (unlinking a lock file races with a process that opened
-it just before); it is emptied on release.
+it just before); it is emptied on release. It is opened with ``O_NOFOLLOW``: a symbolic link
+planted at its path is refused (it would have us truncate and write the file it points to), and
+what a lock file says about its holder is shown as inert text.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from osteoscan.errors import LockHeldError, OutputError
+from osteoscan.inert import cap, log_safe
 from osteoscan.rows import utc_now
 
 _held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) of lock files held here → their fd
@@ -87,8 +90,14 @@ class ScanLock:
                 raise LockHeldError(_held_message(self.path, self._read_info(holder)))
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+                fd = os.open(self.path, flags, 0o644)
             except OSError as exc:
+                if os.path.islink(self.path):  # ELOOP from O_NOFOLLOW
+                    raise OutputError(
+                        f"refusing to open the lock file {self.path}: it is a symbolic link, "
+                        "which osteoscan never writes through; remove the link"
+                    ) from exc
                 raise OutputError(
                     f"cannot create the lock file {self.path}: {exc.strerror}"
                 ) from exc
@@ -145,7 +154,9 @@ class ScanLock:
 
 
 def _held_message(path: Path, info: dict[str, Any]) -> str:
-    pid = info.get("pid")
+    # The details come from a file anyone who can write the folder can write: inert text only.
+    info = {k: cap(log_safe(v), 200) for k, v in info.items() if k in ("pid", "host", "started_at")}
+    pid = info.get("pid") if str(info.get("pid", "")).isdigit() else None
     who = f"PID {pid}" if pid else "another process"
     if info.get("host") and info.get("host") != socket.gethostname():
         who += f" on host {info['host']}"
@@ -164,7 +175,9 @@ class LockSet:
     """Several locks taken together (state and each output), all-or-nothing, in sorted order."""
 
     def __init__(self, paths: list[str | Path]) -> None:
-        uniq = sorted({str(Path(p).resolve()) for p in paths})
+        # Only the folder is resolved: resolving the lock file itself would follow a symlink
+        # planted there and lock (and write) the file it points to.
+        uniq = sorted({str(Path(p).parent.resolve() / Path(p).name) for p in paths})
         self.locks = [ScanLock(p) for p in uniq]
 
     def acquire(self) -> LockSet:

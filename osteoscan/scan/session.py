@@ -4,7 +4,9 @@
 
 - it takes the locks on the state and on ``--out`` (a concurrent scan is refused at once with
   :class:`~osteoscan.errors.LockHeldError` naming the holder, before any model is loaded);
-- it opens the state (:class:`~osteoscan.scan.state.ScanState`);
+- it opens the state (:class:`~osteoscan.scan.state.ScanState`), refusing a state file (or its
+  ``-wal``/``-shm``/``-journal`` companions, or the in-flight folder) that is a symbolic link:
+  SQLite would write wherever a link planted there points;
 - it removes temporary output files a killed run left (safe: we hold the lock), and checks that
   every output folder is writable before the first image is read;
 - SIGINT/SIGTERM set :attr:`stop_signal`; the orchestrator stops after the current batch, exports
@@ -22,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from osteoscan.atomic import TEMP_NAME, output_error
+from osteoscan.atomic import TEMP_NAME, output_error, refuse_symlink
 from osteoscan.errors import OsteoscanError
 from osteoscan.guards import tidy_inflight
 from osteoscan.scan.config import ScanConfig
@@ -52,6 +54,8 @@ class ScanSession:
     def __enter__(self) -> ScanSession:
         self._locks.acquire()
         try:
+            refuse_state_links(self.state_path)
+            refuse_symlink(self.inflight_dir, "in-flight folder")
             self._state = ScanState.open(self.state_path)
         except BaseException:
             self._locks.release()
@@ -101,6 +105,16 @@ class ScanSession:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old_handlers[sig] = signal.signal(sig, _stop)
+
+
+STATE_COMPANIONS = ("", "-wal", "-shm", "-journal")  # SQLite's files for one database
+
+
+def refuse_state_links(state_path: str | Path) -> None:
+    """Raise :class:`~osteoscan.errors.OutputError` when the state file or one of SQLite's
+    companion files is a symbolic link (SQLite opens them in place, following links)."""
+    for suffix in STATE_COMPANIONS:
+        refuse_symlink(f"{state_path}{suffix}", "scan state file")
 
 
 def check_writable(folder: Path) -> None:
