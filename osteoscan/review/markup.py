@@ -85,6 +85,7 @@ figcaption { color: var(--muted); font-size: .85em; max-width: 550px; }
   #eceff3 8px, #f7f8fa 8px, #f7f8fa 16px); color: var(--muted); display: flex;
   align-items: center; justify-content: center; text-align: center; font-size: .8em;
   border-radius: 3px; border: 1px dashed #b9c0ca; padding: 6px; box-sizing: border-box; }
+.thumbs .ph { width: 336px; }
 .facts { min-width: 0; } .facts table { width: 100%; font-size: .9em; }
 .facts th { width: 130px; } .mono { font-family: ui-monospace, "DejaVu Sans Mono", monospace;
   font-size: .88em; overflow-wrap: anywhere; }

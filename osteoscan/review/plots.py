@@ -59,26 +59,29 @@ def score_histogram(
 
 
 def night_trend(nights: Sequence[NightStats]) -> bytes:
-    """Flag rate (of scored rows) and error rate (of all rows) per night: one point a night."""
+    """Flag rate (of scored rows, top) and error rate (of all rows, bottom) per night, one point
+    a night; two panels so a small error rate is not flattened by the flag rate's scale."""
     fig = Figure(figsize=(6.4, 3.4), layout="constrained")
-    ax = fig.add_subplot()
+    top, bottom = fig.subplots(2, 1, sharex=True)
     known = [n for n in nights if n.night != "unknown"]
-    if known:
-        x = np.arange(len(known))
-        ax.plot(x, [100 * n.flag_rate for n in known], marker="o", color=FLAG_COLOUR,
-                label="flagged, % of scored")  # fmt: skip
-        ax.plot(x, [100 * n.error_rate for n in known], marker="s", color=ERROR_COLOUR,
-                label="errors, % of rows")  # fmt: skip
-        step = max(1, len(known) // 12)  # at most ~12 date labels
-        ax.set_xticks(x[::step], [n.night for n in known][::step], rotation=30, ha="right",
-                      fontsize=8)  # fmt: skip
-        ax.set_xlim(-0.5, len(known) - 0.5)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
+    fig.suptitle(f"Per night ({len(known)} nights, noon-to-noon UTC)", fontsize=11)
+    if not known:
+        _empty(top, "no dated rows")
+        return _png(fig)
+    x = np.arange(len(known))
+    for ax, values, colour, label in (
+        (top, [100 * n.flag_rate for n in known], FLAG_COLOUR, "flagged, % of scored"),
+        (bottom, [100 * n.error_rate for n in known], ERROR_COLOUR, "errors, % of rows"),
+    ):
+        ax.plot(x, values, marker="o", color=colour)
+        ax.set_ylabel(label, fontsize=8)
+        finite = [v for v in values if np.isfinite(v)]
+        ax.set_ylim(0, max(1.0, max(finite, default=0.0) * 1.15))
         ax.grid(alpha=0.3)
-    else:
-        _empty(ax, "no dated rows")
-    ax.set(ylabel="%", title=f"Per night ({len(known)} nights, noon-to-noon UTC)")
+        ax.tick_params(labelsize=8)
+    step = max(1, len(known) // 12)  # at most ~12 date labels
+    bottom.set_xticks(x[::step], [n.night for n in known][::step], rotation=30, ha="right")
+    bottom.set_xlim(-0.5, len(known) - 0.5)
     return _png(fig)
 
 
@@ -89,8 +92,9 @@ def uncertainty_scatter(
     thresholds: Mapping[float, str],
 ) -> bytes:
     """Members' disagreement (uncertainty) against score; flagged rows in red."""
-    fig = Figure(figsize=(6.4, 3.4), layout="constrained")
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
     ax = fig.add_subplot()
+    ax.set_title("Uncertainty vs score")
     known = np.isfinite(uncertainties)
     if known.any():
         for mask, colour, label in ((~flagged, OK_COLOUR, "not flagged"),
@@ -99,10 +103,9 @@ def uncertainty_scatter(
             ax.scatter(scores[m], uncertainties[m], s=16, alpha=0.7, color=colour, label=label,
                        rasterized=True, linewidths=0)  # fmt: skip
         _thresholds(ax, thresholds)
-        ax.legend(fontsize=8, loc="upper right")
+        fig.legend(fontsize=8, loc="outside lower center", ncols=2)
         ax.set_ylim(bottom=0)
     else:
         _empty(ax, "no uncertainty recorded")
-    ax.set(xlim=(0, 1), xlabel="score", ylabel="uncertainty (std of members' scores)",
-           title="Uncertainty vs score")  # fmt: skip
+    ax.set(xlim=(0, 1), xlabel="score", ylabel="uncertainty (std of members' scores)")  # fmt: skip
     return _png(fig)

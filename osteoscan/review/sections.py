@@ -53,12 +53,14 @@ def meaning(models: Sequence[ModelInfo], covariate_use: Mapping[str, int], prefi
         if m.installed and not m.version_matches:
             card += " — the installed package is another version"
         cov = ", ".join(m.covariates) if m.covariates else "none (image only)"
-        thr = f"threshold {_num(m.threshold)}"
+        facts = [f"{m.rows} scored rows"]
+        if m.installed:
+            facts.append(f"covariates used: {esc(cov)}; threshold {_num(m.threshold)}")
         if m.image_only_threshold is not None:
-            thr += f"; {_num(m.image_only_threshold)} for images scored without age/sex"
+            facts.append(f"{_num(m.image_only_threshold)} for images scored without age/sex")
         lines = "".join(f"<li>{esc(line, 600)}</li>" for line in m.meaning)
-        items.append(f"<li><b>{esc(m.label)}</b>{card}: {esc(m.rows)} scored rows; "
-                     f"covariates used: {esc(cov)}; {thr}.<ul>{lines}</ul></li>")  # fmt: skip
+        items.append(f"<li><b>{esc(m.label)}</b>{card}: {'; '.join(facts)}."
+                     f"<ul>{lines}</ul></li>")  # fmt: skip
     scored = sum(covariate_use.values())
     both = covariate_use.get("age,sex", 0)
     alone = covariate_use.get("", 0)
@@ -125,7 +127,7 @@ def plots(files: Mapping[str, str], prefix: str, n_nights: int) -> str:
         "uncertainty": "Spread of the ensemble members' scores: high means the members disagree.",
     }
     figs = "".join(
-        f'<figure><img src="{url(prefix + f)}" alt="{esc(key)} plot" width="614" height="326">'
+        f'<figure><img src="{url(prefix + f)}" alt="{esc(key)} plot" width="614">'
         f"<figcaption>{esc(captions.get(key, ''))}</figcaption></figure>"
         for key, f in files.items()
     )
