@@ -16,6 +16,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,22 +53,18 @@ def write_csv_atomic(target: str | Path, columns: Sequence[str], rows: Iterable[
 
 
 class CsvResultsWriter:
-    """Stream rows to a temporary results CSV; :meth:`commit` publishes it and the flagged CSV.
+    """Stream rows to a temporary results CSV (header first); :meth:`commit` publishes it.
 
-    Only flagged rows are kept in memory (for sorting), so memory stays flat over large scans.
+    Rows are written as they come, so memory stays flat over large scans.
     """
 
-    def __init__(
-        self, path: str | Path, columns: Sequence[str], flagged_path: str | Path | None = None
-    ) -> None:
+    def __init__(self, path: str | Path, columns: Sequence[str]) -> None:
         self.columns = list(columns)
         self.path = Path(path)
-        self.flagged_path = Path(flagged_path) if flagged_path else flagged_path_for(path)
         self._file = AtomicFile(self.path)
         self._fh = self._file.open("w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._fh)
         self._csv.writerow(self.columns)
-        self._flagged: list[ResultRow] = []
         self.n_rows = 0
 
     def write_rows(self, rows: Iterable[ResultRow]) -> None:
@@ -76,25 +73,16 @@ class CsvResultsWriter:
             for row in rows:
                 self._csv.writerow(row.csv_cells(self.columns))
                 self.n_rows += 1
-                if row.is_flagged:
-                    self._flagged.append(row)
         except OSError as exc:
             self.abort()
             raise output_error(self.path, exc) from exc
 
-    def commit(self) -> tuple[Path, Path]:
-        """Publish ``results.csv`` and ``<stem>.flagged.csv`` (highest score first)."""
-        flagged = sorted(self._flagged, key=lambda r: -(r.score or 0.0))
-        try:
-            write_csv_atomic(self.flagged_path, self.columns, flagged)
-        except BaseException:
-            self.abort()
-            raise
-        self._file.commit()
-        return self.path, self.flagged_path
+    def commit(self) -> Path:
+        """Publish the file."""
+        return self._file.commit()
 
     def abort(self) -> None:
-        """Drop the temporary file; the previous outputs stay as they were."""
+        """Drop the temporary file; the previous output stays as it was."""
         self._file.abort()
 
 
@@ -115,7 +103,8 @@ def write_heatmap_png(folder: str | Path, image_id: str, overlay_rgb: np.ndarray
 
 
 class Hdf5ResultsWriter:
-    """Appendable HDF5 of scored rows, published atomically on commit.
+    """HDF5 of scored rows: a new file published atomically on commit, or (:meth:`reopen`) a
+    published file appended to in place.
 
     Datasets (row-aligned, N = scored rows): ``path``, ``image_id``, ``model`` (UTF-8 strings),
     ``frame`` (int32), ``probs`` (N×C float32, NaN for classes a row's model lacks),
@@ -145,7 +134,7 @@ class Hdf5ResultsWriter:
         self.classes = list(classes)
         self.n_members = int(n_members)
         self.hw = (int(heatmap_size[0]), int(heatmap_size[1]))
-        self._file = AtomicFile(self.path)
+        self._file: AtomicFile | None = AtomicFile(self.path)
         try:
             self._h5 = h5py.File(self._file.tmp, "w")
             self._create(manifests)
@@ -153,6 +142,29 @@ class Hdf5ResultsWriter:
             self._file.abort()
             raise output_error(self.path, exc) from exc
         self.n_rows = 0
+
+    @classmethod
+    def reopen(cls, path: str | Path, n_rows: int) -> Hdf5ResultsWriter:
+        """Open a published file to append after its ``n_rows`` rows.
+
+        Raises ``ValueError`` when the file does not hold exactly ``n_rows`` rows in every
+        dataset, ``OSError`` when it cannot be opened: the caller then rewrites it whole.
+        """
+        import h5py
+
+        h5 = h5py.File(path, "r+")
+        try:
+            if any(ds.shape[0] != n_rows for ds in h5.values()):
+                raise ValueError(f"{path} does not hold the {n_rows} rows recorded")
+            self = cls.__new__(cls)
+            self.path, self._file, self._h5, self.n_rows = Path(path), None, h5, n_rows
+            self.classes = list(json.loads(h5.attrs["classes"]))
+            self.n_members = int(h5["member_probs"].shape[1])
+            self.hw = (int(h5["heatmaps"].shape[1]), int(h5["heatmaps"].shape[2]))
+        except BaseException:
+            h5.close()
+            raise
+        return self
 
     def _create(self, manifests: Mapping[str, Mapping[str, Any]]) -> None:
         import h5py
@@ -247,20 +259,28 @@ class Hdf5ResultsWriter:
         return out_p, out_m
 
     def commit(self) -> Path:
-        """Close and publish the file."""
+        """Close and publish the file (a reopened file: close and fsync it in place)."""
         try:
             self._h5.close()
+            if self._file is None:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                return self.path
         except OSError as exc:
             self.abort()
             raise output_error(self.path, exc) from exc
         return self._file.commit()
 
     def abort(self) -> None:
-        """Drop the temporary file."""
+        """Drop the temporary file (a reopened file is closed; its caller rewrites it)."""
         # Closing a broken file must not mask the error that made us abort.
         with contextlib.suppress(Exception):
             self._h5.close()
-        self._file.abort()
+        if self._file is not None:
+            self._file.abort()
 
 
 def read_hdf5(path: str | Path) -> dict[str, Any]:

@@ -78,18 +78,46 @@ def test_second_plan_skips_unchanged_and_rescans_changed(tmp_path: Path) -> None
         assert len(st.plan(files, KEY, force=True).todo) == 5
 
 
-def test_rows_have_stable_order_no_duplicates_and_keep_scanned_at(tmp_path: Path) -> None:
+def test_rows_in_recording_order_no_duplicates_and_keep_scanned_at(tmp_path: Path) -> None:
     files = _files(tmp_path, 4)
     with ScanState.open(tmp_path / "s.sqlite") as st:
         st.plan(files, KEY)
-        for p in reversed(files):  # recorded out of order
+        for p in reversed(files):  # recorded out of path order: output order is record order
             st.record([_res({**_row(p), "scanned_at": "2020-01-01T00:00:00Z"})], KEY)
+        assert [r.path for r in st.rows()] == [str(p) for p in reversed(files)]
+        assert st.last_seq == 4 and st.edits == 0  # appended only: outputs may append
         st.plan(files, KEY, force=True)
         st.record([_res(_row(files[0], score=0.9))], KEY)  # rescored: replaced, not added
         rows = list(st.rows())
-        assert [r.path for r in rows] == [str(p) for p in files]
-        assert rows[0].score == 0.9 and rows[0].scanned_at != "2020-01-01T00:00:00Z"
-        assert rows[1].scanned_at == "2020-01-01T00:00:00Z"
+        assert [r.path for r in rows] == [str(p) for p in [*reversed(files[1:]), files[0]]]
+        assert rows[-1].score == 0.9 and rows[-1].scanned_at != "2020-01-01T00:00:00Z"
+        assert rows[0].scanned_at == "2020-01-01T00:00:00Z"
+        assert st.edits > 0  # a stored row changed: outputs holding it are rewritten
+        assert [r.path for r in st.rows(after=4)] == [str(files[0])]
+
+
+def test_version2_state_is_numbered_in_its_old_output_order(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "s.sqlite"
+    files = _files(tmp_path, 3)
+    with ScanState.open(db) as st:
+        st.plan(files, KEY)
+        for p in reversed(files):
+            st.record([_res(_row(p))], KEY)
+    conn = sqlite3.connect(db)  # make it look like a state written by the previous release
+    conn.executescript(
+        "DROP INDEX rows_seq; DROP TRIGGER rows_updated; DROP TRIGGER rows_deleted;"
+        "ALTER TABLE rows DROP COLUMN seq; DELETE FROM meta WHERE key IN ('next_seq','edits');"
+        "PRAGMA user_version=2;"
+    )
+    conn.close()
+    with ScanState.open(db) as st:
+        assert [r.path for r in st.rows()] == [str(p) for p in files]  # path order, as before
+        assert st.last_seq == 3
+        st.plan([tmp_path / "new.png"], KEY)
+        st.record([_res(_row(tmp_path / "new.png"))], KEY)
+        assert [r.path for r in st.rows(after=3)] == [str(tmp_path / "new.png")]
 
 
 def test_multiframe_file_done_only_when_all_frames_recorded(tmp_path: Path) -> None:

@@ -1,25 +1,39 @@
-"""Regenerate results.csv, ``<stem>.flagged.csv`` and the HDF5 from the scan state.
+"""Bring results.csv, ``<stem>.flagged.csv`` and the HDF5 up to date with the scan state.
 
 The state database (:mod:`osteoscan.scan.state`) is the source of truth; these files are views
-of it, each rewritten whole through a temporary file + fsync + ``os.replace`` (the atomic writers
-of :mod:`osteoscan.writers`). So a run killed at any instant leaves the previous complete files,
-and a rerun rewrites them from the database: same rows, same order (path, then frame), same
-``scanned_at`` per row, whatever number of runs it took to fill the database.
+of it, holding its rows in ``seq`` order (the order they were recorded). A night appends the
+rows recorded since each file was last written; a file is rewritten whole (temporary file +
+fsync + ``os.replace``) only when a stored row changed since (a rescored file, a heatmap added
+later, a vanished file marked or pruned), when its columns or options changed, or when it is not
+the file that was last written. The protocol that keeps a kill at any instant harmless is in
+:mod:`osteoscan.scan.append`: the next run always completes the files to exactly what one
+uninterrupted run writes.
 
-A file is rewritten only when the database changed since it was last written (or the file is
-missing): a nightly run with nothing new costs no rewrite, not even of a large HDF5.
+Nothing is written when a file already reflects the state: a nightly run with nothing new costs
+no write, not even of a large HDF5.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from osteoscan.rows import ResultRow, ScoredRow, redact_row, result_columns, union_classes
+from osteoscan.scan.append import (
+    Mark,
+    Snapshot,
+    append_csv,
+    mark_file,
+    read_mark,
+    shape_of,
+    write_mark,
+)
 from osteoscan.scan.config import ScanConfig
 from osteoscan.scan.state import ScanState
 from osteoscan.writers import (
@@ -46,40 +60,72 @@ def export_outputs(
     redact: str | None = None,
     force: bool = False,
 ) -> list[Path]:
-    """Rewrite the outputs that are older than the state; returns the paths rewritten.
+    """Append to (or rewrite) the outputs that are behind the state; returns the paths written.
 
     ``classes`` (the models of this run) come first in the ``p_<class>`` columns, followed by
     classes met only in older rows. ``manifests`` (label → manifest dict) and ``heatmap_size``
-    describe the HDF5; without a heatmap size the first stored heatmap's shape is used.
-    ``phi`` appends the identifier columns (``--include-phi``). ``redact`` (the state's secret,
-    ``--redact-paths``) writes each path as a stable pseudonym (:func:`osteoscan.rows.redact`).
+    describe the HDF5; without a heatmap size the HDF5 keeps its own, or takes the first stored
+    heatmap's shape. ``phi`` appends the identifier columns (``--include-phi``). ``redact`` (the
+    state's secret, ``--redact-paths``) writes each path as a stable pseudonym
+    (:func:`osteoscan.rows.redact`). ``force`` rewrites every file whole.
     """
     out = Path(out)
     flagged = Path(flagged) if flagged else flagged_path_for(out)
-    gen = state.generation  # export what is committed now; a later batch re-marks it stale
+    snap = Snapshot.of(state)  # export what is committed now; a later batch is appended later
     all_classes = union_classes([list(classes), state.classes])
-    how = _how(redact)
+    columns = result_columns(all_classes, phi=phi)
     written: list[Path] = []
-    if force or state.needs_export("csv", out, how) or state.needs_export("flagged", flagged, how):
-        writer = CsvResultsWriter(out, result_columns(all_classes, phi=phi), flagged)
-        try:
-            writer.write_rows(_rows(state.rows(), redact))
-            written += list(writer.commit())
-        except BaseException:
-            writer.abort()  # no temporary file left behind; the previous outputs stay
-            raise
-        state.mark_exported("csv", gen, how)
-        state.mark_exported("flagged", gen, how)
-    if hdf5 is not None and (force or state.needs_export("hdf5", hdf5, how)):
-        target = Path(hdf5)
-        written.append(_export_hdf5(state, target, all_classes, manifests or {}, heatmap_size,
-                                    redact))  # fmt: skip
-        state.mark_exported("hdf5", gen, how)
+    for name, target, only_flagged in (("csv", out, False), ("flagged", flagged, True)):
+        if _export_csv(state, name, target, columns, snap, redact, only_flagged, force):
+            written.append(target)
+    if hdf5 is not None:
+        layout = (all_classes, max(state.max_members, 1), dict(manifests or {}))
+        if _export_hdf5(state, Path(hdf5), layout, heatmap_size, snap, redact, force):
+            written.append(Path(hdf5))
     return written
 
 
+def _export_csv(
+    state: ScanState,
+    name: str,
+    target: Path,
+    columns: list[str],
+    snap: Snapshot,
+    redact: str | None,
+    only_flagged: bool,
+    force: bool,
+) -> bool:
+    """Bring one CSV up to ``snap``; True when anything was written."""
+    shape = _csv_shape(columns, redact)
+    mark = None if force else read_mark(state, name)
+    if mark is not None and mark.current(target, snap, shape):
+        return False
+    if mark is not None and mark.appendable(target, snap, shape):
+        torn = target.stat().st_size != mark.length  # a killed append left a partial tail
+        if not torn and not state.has_rows(after=mark.seq, flagged=only_flagged):
+            write_mark(state, name, mark.caught_up(snap))  # nothing of its kind came
+            return False
+        new = _rows(state.rows(after=mark.seq, flagged=only_flagged), redact)
+        length = append_csv(target, mark.length, columns, new)
+    else:
+        writer = CsvResultsWriter(target, columns)
+        try:
+            writer.write_rows(_rows(state.rows(flagged=only_flagged), redact))
+        except BaseException:
+            writer.abort()  # no temporary file left behind; the previous output stays
+            raise
+        writer.commit()
+        length = target.stat().st_size
+    write_mark(state, name, mark_file(target, snap, length, shape, csv_tail=True))
+    return True
+
+
+def _csv_shape(columns: list[str], redact: str | None) -> str:
+    return shape_of(columns, _how(redact))
+
+
 def _how(redact: str | None) -> str:
-    """The export options that change a file's content beyond the rows (see needs_export)."""
+    """The export options that change a file's content beyond the rows."""
     return ":redacted" if redact else ""
 
 
@@ -104,16 +150,36 @@ def _first_heatmap_shape(state: ScanState) -> tuple[int, int]:
 def _export_hdf5(
     state: ScanState,
     target: Path,
-    classes: list[str],
-    manifests: Mapping[str, Mapping[str, Any]],
+    layout: tuple[list[str], int, dict[str, Any]],
     heatmap_size: tuple[int, int] | None,
+    snap: Snapshot,
     redact: str | None,
-) -> Path:
-    hw = heatmap_size or _first_heatmap_shape(state)
-    writer = Hdf5ResultsWriter(target, classes, max(state.max_members, 1), hw, manifests)
+    force: bool,
+) -> bool:
+    """Bring the HDF5 up to ``snap``; True when anything was written."""
+    classes, n_members, manifests = layout
+    mark = None if force else read_mark(state, "hdf5")
+    hw = heatmap_size or (mark.hw if mark is not None else None) or _first_heatmap_shape(state)
+    hw = (int(hw[0]), int(hw[1]))
+    shape = shape_of(classes, n_members, manifests, hw, _how(redact))
+    if mark is not None and mark.how != _how(redact):
+        mark = None
+    if mark is not None and mark.current(target, snap, shape):
+        return False
+    writer: Hdf5ResultsWriter | None = None
+    after = 0
+    if mark is not None and mark.appendable(target, snap, shape):
+        if not state.has_rows(after=mark.seq, status="ok"):
+            write_mark(state, "hdf5", mark.caught_up(snap))  # no scored row came
+            return False
+        write_mark(state, "hdf5", _busy(mark))  # a kill from here on: rewritten next run
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            writer, after = Hdf5ResultsWriter.reopen(target, mark.length), mark.seq
+    if writer is None:
+        writer = Hdf5ResultsWriter(target, classes, n_members, hw, manifests)
     try:
         chunk: list[ScoredRow] = []
-        for stored in state.stored_rows(status="ok"):
+        for stored in state.stored_rows(status="ok", after=after):
             chunk.append(stored)
             if len(chunk) >= HDF5_CHUNK:
                 _write_chunk(writer, chunk, redact)
@@ -122,7 +188,15 @@ def _export_hdf5(
     except BaseException:
         writer.abort()
         raise
-    return writer.commit()
+    n_rows = writer.n_rows
+    writer.commit()
+    done = mark_file(target, snap, n_rows, shape, csv_tail=False, hw=hw, how=_how(redact))
+    write_mark(state, "hdf5", done)
+    return True
+
+
+def _busy(mark: Mark) -> Mark:
+    return replace(mark, busy=True)
 
 
 def _write_chunk(writer: Hdf5ResultsWriter, chunk: list[ScoredRow], redact: str | None) -> None:
@@ -143,14 +217,22 @@ def _write_chunk(writer: Hdf5ResultsWriter, chunk: list[ScoredRow], redact: str 
                  heatmaps, [s.geometry for s in chunk])  # fmt: skip
 
 
-def outputs_current(state: ScanState, cfg: ScanConfig) -> bool:
-    """True when results.csv, the flagged CSV and the HDF5 (if asked for) exist and reflect
-    every committed row: a run with nothing to score then has nothing to write either."""
-    targets = [("csv", cfg.out), ("flagged", flagged_path_for(cfg.out))]
+def outputs_current(state: ScanState, cfg: ScanConfig, classes: Sequence[str] = ()) -> bool:
+    """True when results.csv, the flagged CSV and the HDF5 (if asked for) exist, hold every
+    committed row and were written with this run's options: nothing to write then."""
+    redact = "on" if cfg.redact_paths else None
+    columns = result_columns(union_classes([list(classes), state.classes]), phi=cfg.include_phi)
+    snap, shape = Snapshot.of(state), _csv_shape(columns, redact)
+    for name, path in (("csv", Path(cfg.out)), ("flagged", flagged_path_for(cfg.out))):
+        mark = read_mark(state, name)
+        if mark is None or not mark.current(path, snap, shape):
+            return False
     if cfg.hdf5 is not None:
-        targets.append(("hdf5", cfg.hdf5))
-    how = _how("on" if cfg.redact_paths else None)
-    return not any(state.needs_export(name, path, how) for name, path in targets)
+        mark = read_mark(state, "hdf5")
+        if mark is None or mark.how != _how(redact):
+            return False
+        return mark.current(Path(cfg.hdf5), snap, mark.shape)
+    return True
 
 
 def redaction_secret(state: ScanState, cfg: ScanConfig) -> str | None:

@@ -11,11 +11,13 @@ the *run key* (:func:`osteoscan.scan.plan.run_key`: packages + options that chan
 ``(size, mtime_ns)`` per file. A file is skipped when its stat and the run key equal those stored
 when it was last *completed* (all frames recorded); anything else is planned again.
 
-Schema (``PRAGMA user_version = 2``; a version-1 file is migrated in place: the unused
-``files.sha256`` column goes, ``rows.geometry`` comes)::
+Schema (``PRAGMA user_version = 3``; older files are migrated in place: 1 → 2 drops the unused
+``files.sha256`` and adds ``rows.geometry``; 2 → 3 adds ``rows.seq``, numbering existing rows in
+their old output order, path then frame)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)            -- generation counter, export marks,
-                                                      -- union of classes, max member count
+                                                      -- union of classes, max member count,
+                                                      -- next_seq, edits (see below)
     files(path TEXT PRIMARY KEY,                      -- path string exactly as found
           size INTEGER, mtime_ns INTEGER,             -- stat taken at plan time, before reading
           run_key TEXT, n_frames INTEGER, done_at TEXT)
@@ -26,7 +28,14 @@ Schema (``PRAGMA user_version = 2``; a version-1 file is migrated in place: the 
          heatmap BLOB, heatmap_shape TEXT,            -- float16 (h, w), zlib-compressed
          scanned_at TEXT,                             -- time the row was scored; never rewritten
          gen INTEGER,                                 -- generation of the batch that wrote it
-         geometry TEXT)                               -- JSON InputGeometry of the model input
+         geometry TEXT,                               -- JSON InputGeometry of the model input
+         seq INTEGER)                                 -- output order: when the row was recorded
+
+Output order and appending: each recorded row takes the next ``seq`` (a counter that never goes
+back), so the outputs can grow by appending the rows past the last ``seq`` they hold. Any change
+to a row already stored (a rescored file, a heatmap attached later, a vanished file marked or
+pruned) bumps the ``edits`` counter through triggers; an output written before such a change is
+rewritten whole instead of appended to (:mod:`osteoscan.scan.export`).
 
 Rows of vanished files stay (a log of what was screened); a changed file's rows are replaced.
 
@@ -53,7 +62,7 @@ from osteoscan.geometry import InputGeometry
 from osteoscan.rows import ResultRow, ScoredRow, utc_now
 from osteoscan.scan.blobs import decode_array, encode_array, json_default
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # SQLite result codes that mean "the disk or its permissions", not a bug: SQLITE_READONLY (8),
 # SQLITE_IOERR (10), SQLITE_FULL (13), SQLITE_CANTOPEN (14), with their extended codes (low byte).
 _OUTPUT_ERRORCODES = frozenset({8, 10, 13, 14})
@@ -68,7 +77,27 @@ CREATE TABLE IF NOT EXISTS rows(
     path TEXT NOT NULL, frame INTEGER NOT NULL, image_id TEXT NOT NULL, run_key TEXT NOT NULL,
     status TEXT NOT NULL, flagged INTEGER NOT NULL, score REAL, row_json TEXT NOT NULL,
     member_probs BLOB, member_shape TEXT, heatmap BLOB, heatmap_shape TEXT,
-    scanned_at TEXT NOT NULL, gen INTEGER NOT NULL, geometry TEXT, PRIMARY KEY(path, frame));
+    scanned_at TEXT NOT NULL, gen INTEGER NOT NULL, geometry TEXT, seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(path, frame));
+CREATE INDEX IF NOT EXISTS rows_seq ON rows(seq);
+CREATE TRIGGER IF NOT EXISTS rows_updated AFTER UPDATE ON rows BEGIN
+    INSERT OR REPLACE INTO meta(key, value) VALUES ('edits',
+        COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='edits'), 0) + 1);
+END;
+CREATE TRIGGER IF NOT EXISTS rows_deleted AFTER DELETE ON rows BEGIN
+    INSERT OR REPLACE INTO meta(key, value) VALUES ('edits',
+        COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='edits'), 0) + 1);
+END;
+"""
+
+# 2 → 3: number the existing rows in their old output order (path, then frame).
+_MIGRATE_SEQ = """
+ALTER TABLE rows ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+CREATE TEMP TABLE seq_order(r INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+INSERT INTO seq_order SELECT rowid, ROW_NUMBER() OVER (ORDER BY path, frame) FROM rows;
+UPDATE rows SET seq = (SELECT n FROM seq_order WHERE r = rows.rowid);
+INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', (SELECT COUNT(*) + 1 FROM rows));
+DROP TABLE seq_order;
 """
 
 
@@ -129,11 +158,15 @@ class ScanState:
             # Replaced rows are zeroed, not left in free pages: a rescan without --include-phi
             # must not leave identifiers of an earlier --include-phi run inside the file.
             conn.execute("PRAGMA secure_delete=ON")
+            # A REPLACE that removes a stored row fires the delete trigger (the ``edits`` mark)
+            conn.execute("PRAGMA recursive_triggers=ON")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 1:  # 0.1: files.sha256 was never filled; drop it
                 conn.execute("DROP INDEX IF EXISTS rows_image")
                 conn.execute("ALTER TABLE files DROP COLUMN sha256")
                 conn.execute("ALTER TABLE rows ADD COLUMN geometry TEXT")
+            if version in (1, 2):
+                conn.executescript(_MIGRATE_SEQ)
             elif version not in (0, SCHEMA_VERSION):
                 raise OutputError(
                     f"state file {path} has schema version {version}, this osteoscan knows "
@@ -186,6 +219,16 @@ class ScanState:
     def generation(self) -> int:
         """Counter bumped by every :meth:`record` transaction (tells writers whether to rewrite)."""
         return int(self._meta("generation", "0") or 0)
+
+    @property
+    def last_seq(self) -> int:
+        """``seq`` of the row recorded last (0 when none): outputs holding it are complete."""
+        return int(self._meta("next_seq", "1") or 1) - 1
+
+    @property
+    def edits(self) -> int:
+        """Counter of changes to rows already stored (see the module docstring)."""
+        return int(self._meta("edits", "0") or 0)
 
     @property
     def classes(self) -> list[str]:
@@ -293,6 +336,7 @@ class ScanState:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         gen = self.generation + 1
+        seq = self.last_seq
         done: list[tuple[str, int]] = []
         # frame bookkeeping and counters change only once the transaction has committed
         seen_now = {p: set(f) for p, f in self._frames_seen.items()}
@@ -305,13 +349,14 @@ class ScanState:
             mp, mp_shape = encode_array(res.member_probs, "float32", compress=False)
             hm, hm_shape = encode_array(res.heatmap, "float16", compress=True)
             flagged = row.is_flagged
+            seq += 1
             conn.execute(
-                "INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     path, frame, row.image_id, run_key, row.status, int(flagged), row.score,
                     json.dumps(row.as_dict(), default=json_default), mp, mp_shape, hm,
                     hm_shape, row.scanned_at, gen,
-                    json.dumps(res.geometry.to_dict()) if res.geometry else None,
+                    json.dumps(res.geometry.to_dict()) if res.geometry else None, seq,
                 ),
             )  # fmt: skip
             seen = seen_now.setdefault(path, set())
@@ -334,6 +379,7 @@ class ScanState:
             seen_now.pop(path, None)
         for key, value in (
             ("generation", str(gen)),
+            ("next_seq", str(seq + 1)),
             ("classes", json.dumps(classes)),
             ("max_members", str(n_members)),
         ):
@@ -353,20 +399,30 @@ class ScanState:
             self._counts["flagged"] += 1
 
     # -- reading back ------------------------------------------------------------------------
-    def rows(self) -> Iterator[ResultRow]:
-        """Stored rows in the stable output order: by path, then frame."""
-        for (text,) in self._conn.execute("SELECT row_json FROM rows ORDER BY path, frame"):
+    def rows(self, *, after: int = 0, flagged: bool = False) -> Iterator[ResultRow]:
+        """Stored rows in output order (``seq``: the order they were recorded), those past
+        ``after`` only; with ``flagged``, the flagged rows alone."""
+        sql = "SELECT row_json FROM rows WHERE seq>?" + (" AND flagged=1" if flagged else "")
+        for (text,) in self._conn.execute(sql + " ORDER BY seq", (after,)):
             yield ResultRow.from_dict(json.loads(text))
 
-    def stored_rows(self, *, status: str | None = None) -> Iterator[ScoredRow]:
-        """Rows with their member probabilities and heatmaps (for the HDF5), in output order."""
+    def has_rows(self, *, after: int = 0, flagged: bool = False, status: str | None = None) -> bool:
+        """True when a row past ``after`` exists (flagged / with ``status`` only, if given)."""
+        sql = "SELECT 1 FROM rows WHERE seq>?" + (" AND flagged=1" if flagged else "")
+        args: tuple[Any, ...] = (after,) if status is None else (after, status)
+        sql += "" if status is None else " AND status=?"
+        return self._conn.execute(sql + " LIMIT 1", args).fetchone() is not None
+
+    def stored_rows(self, *, status: str | None = None, after: int = 0) -> Iterator[ScoredRow]:
+        """Rows with their member probabilities and heatmaps (for the HDF5), in output order,
+        those past ``after`` only."""
         sql = ("SELECT row_json, member_probs, member_shape, heatmap, heatmap_shape, geometry "
-               "FROM rows")  # fmt: skip
-        args: tuple[Any, ...] = ()
+               "FROM rows WHERE seq>?")  # fmt: skip
+        args: tuple[Any, ...] = (after,)
         if status is not None:
-            sql += " WHERE status=?"
-            args = (status,)
-        for text, mp, mps, hm, hms, geo in self._conn.execute(sql + " ORDER BY path, frame", args):
+            sql += " AND status=?"
+            args = (after, status)
+        for text, mp, mps, hm, hms, geo in self._conn.execute(sql + " ORDER BY seq", args):
             yield ScoredRow(
                 ResultRow.from_dict(json.loads(text)),
                 1,
