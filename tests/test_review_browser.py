@@ -315,3 +315,27 @@ def test_default_model_on_examples_with_report(tmp_path: Path) -> None:
     assert "model card" in "".join(dom.text)
     screenshot(done.html, tmp_path, "review-default-model.png", height=3000)
     assert re.search(r"knee-default \S+", "".join(dom.text))
+
+
+@pytest.mark.slow
+def test_nightly_wrapper_writes_the_page(tmp_path: Path) -> None:
+    """examples/nightly: after a good night the review page is there and every image loads."""
+    import sys
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("knee_001.dcm", "knee_002.dcm", "truncated_001.dcm"):
+        shutil.copy(REPO / "examples" / "demo" / "dicom" / name, archive / name)
+    env = dict(os.environ, OSTEOSCAN_ARCHIVE=str(archive), OSTEOSCAN_OUTDIR=str(tmp_path / "out"),
+               OSTEOSCAN_VENV=sys.prefix)  # fmt: skip
+    wrapper = REPO / "examples" / "nightly" / "osteoscan-nightly.sh"
+    run = subprocess.run(["bash", str(wrapper)], env=env, capture_output=True, text=True,
+                         timeout=600, check=False)  # fmt: skip
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    page = tmp_path / "out" / "report.html"
+    assert "review page:" in (tmp_path / "out" / "nightly.log").read_text()
+    dom_text, console, _ = chromium(page, tmp_path / "profile", "--dump-dom")
+    assert console == ""
+    dom = Dom(dom_text)
+    assert assert_images_load(page, dom) >= 3
+    assert "truncated DICOM" in "".join(dom.text)
