@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from osteoscan.frames import ImageFrame, ReadLimits
-from osteoscan.inert import cap, log_safe
+from osteoscan.inert import cap, log_safe, unquote
 
 
 class FileTimeout(Exception):
@@ -262,8 +262,8 @@ def guarded_read(
         raise
     except BaseException as exc:  # noqa: BLE001 - Rust decoders' PanicException is a BaseException
         # A reader must not raise, but one bad file never stops the run. The message may quote
-        # the file's bytes: inert and short.
-        why = cap(log_safe(f"unreadable: {type(exc).__name__}: {exc}"), 300)
+        # the file's bytes: quoted values left out, inert and short.
+        why = cap(log_safe(f"unreadable: {type(exc).__name__}: {unquote(str(exc))}"), 300)
         return [error_frame(path, why, kind or "")]
     for fr in frames:
         img = fr.image

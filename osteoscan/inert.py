@@ -32,6 +32,7 @@ __all__ = [
     "log_safe",
     "neutralise",
     "uncell",
+    "unquote",
     "valid_uid",
 ]
 
@@ -84,6 +85,16 @@ def uncell(cell: str) -> str:
     if cell.startswith("'") and cell[1:].startswith(FORMULA_PREFIXES):
         return cell[1:]
     return cell
+
+
+# A quoted value in an exception message: 'x', "x", b'x' (Python's repr quoting).
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def unquote(message: str) -> str:
+    """``message`` with every quoted value replaced by ``'…'``: for quoting a parser's error
+    about a file's content without quoting the content (which may hold a patient's name)."""
+    return _QUOTED.sub("'…'", message)
 
 
 # -- DICOM value representations (PS3.5 Table 6.2-1) ------------------------------------------

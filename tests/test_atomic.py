@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from osteoscan.atomic import (
     atomic_write,
     output_error,
     output_errors,
+    refuse_symlink,
     write_bytes,
     write_text,
 )
@@ -42,10 +44,102 @@ def test_atomic_write_keeps_old_file_on_enospc(tmp_path: Path) -> None:
     assert _names(tmp_path) == ["results.csv"]
 
 
-def test_published_files_are_readable_by_others(tmp_path: Path) -> None:
+@pytest.fixture
+def umask() -> Iterator[Callable[[int], None]]:
+    """``umask(0o077)`` sets the process umask for the test; the old one comes back after."""
+    old = os.umask(0o022)
+
+    def set_mask(mask: int) -> None:
+        os.umask(mask)
+
+    yield set_mask
+    os.umask(old)
+
+
+def test_published_files_are_readable_by_others(tmp_path: Path, umask) -> None:
+    umask(0o022)
     target = write_text(tmp_path / "sub" / "card.md", "é\n")  # the folder is made as needed
     assert target.read_text(encoding="utf-8") == "é\n"
     assert target.stat().st_mode & 0o777 == 0o644  # mkstemp alone would leave 0600
+
+
+def test_permissions_are_never_wider_than_the_umask(tmp_path: Path, umask) -> None:
+    umask(0o077)
+    for target in (write_bytes(tmp_path / "a.png", b"x"), atomic_write(tmp_path / "b.h5", _touch)):
+        assert target.stat().st_mode & 0o777 == 0o600
+    with AtomicFile(tmp_path / "c.csv") as f:
+        assert f.tmp.stat().st_mode & 0o777 == 0o600  # the temporary too, from its creation
+        f.open("w").write("x")
+
+
+def _touch(tmp: Path) -> None:
+    tmp.write_bytes(b"data")
+
+
+def test_a_symlink_at_the_target_is_replaced_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, write in (("results.csv", write_text), ("map.png", write_bytes)):
+        (out / name).symlink_to(outside)
+        write(out / name, "new" if write is write_text else b"new")  # type: ignore[operator]
+        assert not (out / name).is_symlink() and (out / name).read_bytes() == b"new"
+    assert outside.read_text() == "precious\n"
+    dangling = out / "dangling.csv"
+    dangling.symlink_to(tmp_path / "nowhere" / "x.csv")  # would create a file elsewhere
+    write_text(dangling, "x")
+    assert not dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_symlink_planted_at_the_temporary_name_is_never_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who can guess the next temporary name plants a link there: it is skipped."""
+    import osteoscan.atomic as atomic
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = out / ".results.csv.AAAAAAAA.tmp"
+    planted.symlink_to(outside)
+    picks = iter("A" * 8)  # the first name drawn is the planted one; then random names
+    real = atomic.secrets.choice
+    monkeypatch.setattr(atomic.secrets, "choice", lambda seq: next(picks, None) or real(seq))
+    target = write_text(out / "results.csv", "new\n")
+    assert target.read_text() == "new\n" and outside.read_text() == "precious\n"
+    assert planted.is_symlink()  # left alone, not written through
+
+
+def test_a_temporary_swapped_for_a_symlink_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    f = AtomicFile(tmp_path / "out" / "results.csv")
+    f.tmp.unlink()
+    f.tmp.symlink_to(outside)  # a race won by someone with write access to the folder
+    with pytest.raises(OutputError, match="results.csv"):
+        f.open("w")
+    with pytest.raises(OutputError):
+        f.commit()
+    assert outside.read_text() == "precious\n"
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_refuse_symlink(tmp_path: Path) -> None:
+    (tmp_path / "real").write_text("x")
+    refuse_symlink(tmp_path / "real")
+    refuse_symlink(tmp_path / "absent")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "absent")
+    for name in ("link", "dangling"):
+        with pytest.raises(OutputError, match="symbolic link"):
+            refuse_symlink(tmp_path / name, "scan state file")
+
+
+def test_very_long_target_names_get_legal_temporaries(tmp_path: Path) -> None:
+    target = write_text(tmp_path / ("n" * 250 + ".csv"), "x")
+    assert target.read_text() == "x" and _names(tmp_path) == [target.name]
 
 
 def test_permission_denied_is_an_output_error(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from osteoscan.errors import LockHeldError
+from osteoscan.errors import LockHeldError, OutputError
 from osteoscan.scan.lock import LockSet, ScanLock, lock_path_for
 
 _HOLDER = textwrap.dedent(
@@ -122,3 +122,33 @@ def test_lockset_is_all_or_nothing(tmp_path: Path) -> None:
         pass
     with LockSet([a, b, a]) as ls:
         assert len(ls.locks) == 2
+
+
+def test_a_symlink_at_the_lock_path_is_refused_not_written_through(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    lock = tmp_path / "out" / "results.csv.lock"
+    lock.parent.mkdir()
+    lock.symlink_to(outside)
+    with pytest.raises(OutputError, match="symbolic link"):
+        ScanLock(lock).acquire()
+    # a LockSet resolves only the folder: it must not lock (and fill in) the link's target
+    with pytest.raises(OutputError, match="symbolic link"):
+        LockSet([lock]).acquire()
+    assert outside.read_text() == "precious\n"
+    dangling = tmp_path / "out" / "state.lock"
+    dangling.symlink_to(tmp_path / "elsewhere.lock")
+    with pytest.raises(OutputError, match="symbolic link"):
+        ScanLock(dangling).acquire()
+    assert not (tmp_path / "elsewhere.lock").exists()
+
+
+def test_holder_details_from_the_lock_file_are_shown_as_inert_text(tmp_path: Path) -> None:
+    from osteoscan.scan.lock import _held_message
+
+    text = _held_message(
+        tmp_path / "x.lock",
+        {"pid": "1; rm -rf", "host": "\x1b[2Jevil\nhost", "started_at": "\x9b31m" + "t" * 999},
+    )
+    assert "\x1b" not in text and "\n" not in text and "\x9b" not in text
+    assert "\\x1b[2Jevil" in text and "PID" not in text and len(text) < 600

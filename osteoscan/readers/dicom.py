@@ -30,7 +30,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from osteoscan import header
 from osteoscan.frames import ImageFrame, ReadLimits, Status
 from osteoscan.hashing import content_image_id
-from osteoscan.inert import cap, log_safe, valid_uid
+from osteoscan.inert import cap, log_safe, unquote, valid_uid
 from osteoscan.readers import codecs, pixels
 from osteoscan.readers.capture import decoder_messages
 
@@ -58,8 +58,13 @@ _MESSAGE_CHARS = 160  # of a parser's message quoted in a reason
 
 
 def _message(exc: BaseException, limit: int = _MESSAGE_CHARS) -> str:
-    """A parser exception as inert, short text for a reason (it may quote header bytes)."""
-    return cap(log_safe(str(exc) or type(exc).__name__), limit)
+    """A parser exception as inert, short text for a reason.
+
+    Parsers quote the value they choked on (``invalid literal for int(): 'DOE^JANE'``), and in a
+    corrupt file that value may be any element, a patient's name included: quoted values are
+    left out.
+    """
+    return cap(log_safe(unquote(str(exc) or type(exc).__name__)), limit)
 
 
 def _uid_name(uid: str) -> str:
