@@ -48,28 +48,13 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
         key = (name, tuple(body_parts), members, size, tuple(classes), threshold, seed)
         if key in cache:
             return cache[key]
-        import torch
+        from osteoscan.testing.packages import tiny_package
 
-        from osteoscan.archs import create_model
-        from osteoscan.package import Manifest, MemberSpec, save_package
-
-        torch.manual_seed(seed)
-        models = [create_model("tiny_cnn", len(classes)) for _ in range(members)]
-        manifest = Manifest(
-            name=name,
-            version="0.0.1",
-            classes=list(classes),
-            positive_classes=list(classes[1:]),
-            threshold=threshold,
-            body_parts=list(body_parts),
-            preprocess={"size": size},
-            members=[
-                MemberSpec.for_arch("tiny_cnn", input_size=size, temperature=1.0 + 0.5 * i)
-                for i in range(members)
-            ],
-        )
         out = tmp_path_factory.mktemp("pkg") / name
-        cache[key] = save_package(out, manifest, models)
+        cache[key] = tiny_package(
+            out, name=name, body_parts=body_parts, members=members, size=size,
+            classes=classes, threshold=threshold, seed=seed,
+        )  # fmt: skip
         return cache[key]
 
     return build
