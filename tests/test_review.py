@@ -155,3 +155,20 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
               "--state", str(tmp_path / "nope.sqlite")])  # fmt: skip
     assert exc.value.code == 2
     assert "no such state file" in capsys.readouterr().err
+
+
+def test_empty_results_and_after_scan(tmp_path: Path) -> None:
+    from osteoscan.review import report_after_scan
+    from osteoscan.scan.config import ScanConfig, ScanSummary
+
+    results = write_results(tmp_path / "r.csv", [])
+    cfg = ScanConfig(paths=[tmp_path], out=results)
+    summary = ScanSummary(
+        n_files=0, n_ignored=0, rows=0, counts={"unchanged": 7}, elapsed_s=125.0,
+        images_per_s=0.0, out=results, flagged_out=tmp_path / "r.flagged.csv", hdf5=None,
+        heatmaps_dir=None, models=[], device="cpu", workers=0, batch_size=1,
+    )  # fmt: skip
+    done = report_after_scan(cfg, summary, tmp_path / "page.html")
+    text = done.html.read_text()
+    assert done.flagged == 0 and "(none)" in text and "2 min 5 s, measured by the scan" in text
+    assert "unchanged files</th><td>7" in text

@@ -18,6 +18,7 @@ from osteoscan.review.thumbs import Thumb
 from osteoscan.rows import ResultRow
 
 PROBLEM_GROUPS_SHOWN = 40
+PATH_LIMIT = 1000  # archive paths can be long; other values are cut at markup.MAX_CELL
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -139,9 +140,13 @@ def problems(groups: Sequence[ProblemGroup]) -> str:
     if not groups:
         return '<section id="problems"><h2>Errors and skips</h2><p>None.</p></section>'
     shown = groups[:PROBLEM_GROUPS_SHOWN]
+
+    def examples(g: ProblemGroup) -> str:
+        return "".join(f'<li class="mono">{esc(p, PATH_LIMIT)}</li>' for p in g.examples)
+
     rows = "".join(
         f'<tr><td>{esc(g.status)}</td><td class="n">{g.count}</td><td>{esc(g.reason, 500)}</td>'
-        f"<td><ul>{''.join(f'<li class=mono>{esc(p)}</li>' for p in g.examples)}</ul></td></tr>"
+        f"<td><ul>{examples(g)}</ul></td></tr>"
         for g in shown
     )
     more = len(groups) - len(shown)
@@ -196,7 +201,7 @@ def flagged_row(row: ResultRow, rank: int, thumb: Thumb | None, prefix: str, pag
         ("uncertainty", f"{_num(row.uncertainty)} <span class=muted>(std of members' scores)"
                         "</span>"),
         ("covariates", esc(cov)),
-        ("path", f'<span class="mono">{esc(row.path)}</span>'),
+        ("path", f'<span class="mono">{esc(row.path, PATH_LIMIT)}</span>'),
         ("image_id", f'<span class="mono">{esc(row.image_id)}</span>{esc(frame)}'),
         ("body part, model", f"{esc(row.body_part)}, {esc(row.model)}"),
         ("scanned", esc(row.scanned_at)),
