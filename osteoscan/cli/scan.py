@@ -23,7 +23,13 @@ def register(app: typer.Typer) -> None:
     @app.command("scan")
     def scan(
         paths: Annotated[
-            list[Path], typer.Argument(metavar="PATH...", help="Files or folders to scan.")
+            list[str],
+            typer.Argument(
+                metavar="PATH...",
+                help="Files or folders to scan, or one DICOMweb server: "
+                "dicomweb+http(s)://HOST:PORT/PATH (credentials from ~/.netrc or "
+                "OSTEOSCAN_DICOMWEB_TOKEN, never the command line).",
+            ),
         ],
         out: Annotated[
             Path, typer.Option("--out", "-o", metavar="CSV", help="Results CSV to write.")
@@ -125,6 +131,52 @@ def register(app: typer.Typer) -> None:
                 "file names often hold patient names); the mapping stays in the state file.",
             ),
         ] = False,
+        since: Annotated[
+            str | None,
+            typer.Option(
+                metavar="YYYY-MM-DD",
+                help="DICOMweb: studies from this StudyDate on (default: from the day before "
+                "the last complete run).",
+            ),
+        ] = None,
+        until: Annotated[
+            str | None,
+            typer.Option(metavar="YYYY-MM-DD", help="DICOMweb: studies up to this StudyDate."),
+        ] = None,
+        modality: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--modality",
+                metavar="MOD",
+                help="DICOMweb: modalities to search (repeatable or comma-separated; default "
+                "CR,DX,DR,RG,OT; 'any' for all).",
+            ),
+        ] = None,
+        dicom_out: Annotated[
+            Path | None,
+            typer.Option(
+                metavar="DIR",
+                help="Write a DICOM SR per scored image and a KOS per study with flagged "
+                "images (they carry the patient's identifiers, as DICOM must).",
+            ),
+        ] = None,
+        send: Annotated[
+            str | None,
+            typer.Option(
+                metavar="URL",
+                help="Store those DICOM results in the source studies on this DICOMweb "
+                "server (dicomweb+http(s)://…, STOW-RS); failed stores are retried next run.",
+            ),
+        ] = None,
+        dicom_heatmaps: Annotated[
+            bool,
+            typer.Option(
+                "--dicom-heatmaps",
+                metavar="",
+                help="With --dicom-out/--send: also a secondary capture of each flagged "
+                "image's heatmap ('NOT FOR DIAGNOSTIC USE' burned in).",
+            ),
+        ] = False,
         quiet: Annotated[
             bool,
             typer.Option("--quiet", "-q", metavar="", help="Plain timestamped log lines only."),
@@ -144,7 +196,9 @@ def register(app: typer.Typer) -> None:
             require_covariates=require_covariates, include=list(include or []),
             exclude=list(exclude or []), threshold=threshold, force=force, quiet=quiet,
             state=state, include_phi=include_phi, redact_paths=redact_paths,
-            prune=prune,
+            prune=prune, since=since, until=until,
+            modalities=[m.strip() for v in modality or [] for m in v.split(",") if m.strip()],
+            dicom_out=dicom_out, send=send, dicom_heatmaps=dicom_heatmaps,
         )  # fmt: skip
         reporter = make_reporter(quiet)
         try:

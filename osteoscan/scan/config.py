@@ -28,6 +28,14 @@ class ScanConfig:
     columns; ``redact_paths`` writes paths as pseudonyms; ``prune`` drops the rows of files that
     are gone (else they are marked ``missing``); ``limits`` are the per-file guards;
     outputs are re-exported at least every ``export_every_s`` seconds during a long run.
+
+    A DICOMweb source (``paths == ["dicomweb+http://HOST:PORT/PATH"]``, :mod:`osteoscan.pacs`)
+    takes ``since``/``until`` (StudyDate, inclusive; default: from the day before the last
+    complete run), ``modalities`` (default CR, DX, DR, RG, OT; ``any`` for no filter) and the
+    per-request ``dicomweb_timeout_s``, ``dicomweb_attempts`` and ``dicomweb_backoff_s``.
+    ``dicom_out`` (a folder) and ``send`` (a ``dicomweb+http…`` URL) receive a DICOM SR per
+    scored instance and a KOS per study with flagged images (``dicom_heatmaps``: also a
+    secondary capture of each flagged image's heatmap).
     """
 
     paths: Sequence[str | Path]
@@ -55,6 +63,22 @@ class ScanConfig:
     prune: bool = False
     limits: GuardLimits = field(default_factory=GuardLimits)
     export_every_s: float = 300.0
+    since: str | None = None
+    until: str | None = None
+    modalities: Sequence[str] = ()
+    dicomweb_timeout_s: float = 120.0
+    dicomweb_attempts: int = 4
+    dicomweb_backoff_s: float = 2.0
+    dicom_out: str | Path | None = None
+    send: str | None = None
+    dicom_heatmaps: bool = False
+
+    @property
+    def dicomweb(self) -> bool:
+        """True when the source is a DICOMweb server rather than files and folders."""
+        from osteoscan.pacs import is_dicomweb
+
+        return any(is_dicomweb(p) for p in self.paths)
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for option values that cannot work."""
@@ -62,7 +86,9 @@ class ScanConfig:
             raise UsageError("give at least one PATH to scan")
         # A missing archive (an unmounted share, a typo in a crontab) must fail loudly, not
         # "succeed" with zero rows night after night.
-        missing = [str(p) for p in self.paths if not os.path.lexists(p)]
+        if self.dicomweb:
+            self._validate_dicomweb()
+        missing = [str(p) for p in self.paths if not self.dicomweb and not os.path.lexists(p)]
         if missing:
             raise UsageError(f"no such file or folder: {', '.join(missing)}")
         if self.batch_size < 1:
@@ -79,6 +105,31 @@ class ScanConfig:
             raise UsageError("--threshold must be between 0 and 1")
         if self.redact_paths and self.include_phi:
             raise UsageError("--redact-paths and --include-phi contradict each other")
+        self.validate_outputs()
+
+    def _validate_dicomweb(self) -> None:
+        from osteoscan.pacs.query import date_range
+        from osteoscan.pacs.url import ServerUrl
+
+        if len(self.paths) != 1:
+            raise UsageError("scan one DICOMweb server at a time, without files or folders")
+        ServerUrl.parse(str(self.paths[0]))
+        date_range(self.since, self.until)
+        if self.include_phi:
+            raise UsageError("--include-phi is not available for a DICOMweb source")
+        if self.dicomweb_attempts < 1 or self.dicomweb_timeout_s <= 0:
+            raise UsageError("DICOMweb attempts and timeout must be positive")
+
+    def validate_outputs(self) -> None:
+        """Raise :class:`UsageError` for DICOM result options that cannot work."""
+        from osteoscan.pacs.url import ServerUrl
+
+        if self.send:
+            ServerUrl.parse(self.send)
+        if (self.since or self.until or self.modalities) and not self.dicomweb:
+            raise UsageError("--since, --until and --modality apply to a DICOMweb source only")
+        if self.dicom_heatmaps and not (self.dicom_out or self.send):
+            raise UsageError("--dicom-heatmaps needs --dicom-out or --send")
 
 
 @dataclass

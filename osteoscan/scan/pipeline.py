@@ -48,6 +48,7 @@ from osteoscan.writers import flagged_path_for
 if TYPE_CHECKING:
     from osteoscan.covariates import CovariateSummary
     from osteoscan.manifest import Manifest
+    from osteoscan.pacs.source import PacsSource
     from osteoscan.scan.score import LoadedModel
 
 __all__ = ["ScanConfig", "ScanEvent", "ScanSummary", "run_scan"]
@@ -96,17 +97,30 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         refs: list[str | Path | None] = [*cfg.models] or [None]
         manifests = [read_manifest(resolve_package(ref)) for ref in refs]
         key = run_key_for(cfg, manifests)
-        record_orphans(state, session.inflight_dir, key)  # files that crashed earlier runs
-        known = state.signatures()  # every completed file, read once a night
-        files, n_ignored = discover_files(cfg, known)  # unchanged files are not opened
-        found = {str(f.path) for f in files}
-        check_roots_not_emptied(known, cfg.paths, found)  # an unmounted share changes nothing
-        n_vanished = mark_vanished(state, known, cfg.paths, found, prune=cfg.prune)
+        source = _pacs_source(cfg, manifests, session) if cfg.dicomweb else None
+        rename = source.key_of if source is not None else None
+        record_orphans(state, session.inflight_dir, key, rename=rename)  # crashed earlier runs
+        if source is not None:  # a DICOMweb server: search, not a walk; nothing "vanishes"
+            files, n_ignored = source.discover(state)
+            n_vanished = 0
+        else:
+            known = state.signatures()  # every completed file, read once a night
+            files, n_ignored = discover_files(cfg, known)  # unchanged files are not opened
+            found = {str(f.path) for f in files}
+            check_roots_not_emptied(known, cfg.paths, found)  # an unmounted share: no change
+            n_vanished = mark_vanished(state, known, cfg.paths, found, prune=cfg.prune)
         todo = plan_files(state, files, key, cfg.force)
-        redo = _missing_heatmaps(cfg, state, key, files, todo)
-        progress = _Progress(len(todo) + len(redo), on_event)
-        progress.emit("start", _start_message(len(todo), len(files), n_ignored, len(redo),
-                                              n_vanished, cfg.prune))  # fmt: skip
+        n_planned = len(todo)
+        if source is not None:  # ruled out by the search attributes: skipped, not retrieved
+            todo = source.prefilter(state, todo, key)
+        # heatmaps for earlier rows of a DICOMweb source would need a retrieval: not backfilled
+        redo = _missing_heatmaps(cfg, state, key, files, todo) if source is None else []
+        progress = _Progress(n_planned + len(redo), on_event)
+        if source is not None:
+            progress.add(source.take_recorded(), source.n_skipped)
+        message = _start_message(n_planned, len(files), n_ignored, len(redo), n_vanished,
+                                 cfg.prune)  # fmt: skip
+        progress.emit("start", f"{source.describe()}: {message}" if source else message)
         labels = [f"{m.name} {m.version}" for m in manifests]
         device, workers, written, cov = "none", 0, list[Path](), None
         sizes: list[int] = []
@@ -114,7 +128,7 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
             models, device, workers = _prepare(cfg, key)
             sizes = [m.preprocess.size for m in models]
             workers = min(workers, len(todo) + len(redo))
-            run = _Run(cfg, session, models, key, workers, device, progress, manifests)
+            run = _Run(cfg, session, models, key, workers, device, progress, manifests, source)
             if todo:
                 written += run.score(todo)
             if redo and session.stop_signal is None:
@@ -124,6 +138,8 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
             new = _export(cfg, state, manifests, sizes)  # no model needed to rewrite outputs
             written += [p for p in new if p not in written]
         session.raise_if_stopped()
+        if source is not None:
+            source.finish(state)  # complete: the next default search starts from today
         state.set_meta(HEATMAP_META, heatmap_options(cfg))  # complete: every row has its maps
         progress.counts["unchanged"] = state.summary()["unchanged"]
         done = progress.emit("done")
@@ -137,6 +153,15 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         device=device, workers=workers, batch_size=cfg.batch_size, written=written, totals=totals,
         covariates=cov.line() if cov else "", warnings=cov.warnings() if cov else [],
     )  # fmt: skip
+
+
+def _pacs_source(
+    cfg: ScanConfig, manifests: Sequence[Manifest], session: ScanSession
+) -> PacsSource:
+    """The DICOMweb front end (:mod:`osteoscan.pacs.source`) of a ``dicomweb+http…`` scan."""
+    from osteoscan.pacs.source import PacsSource
+
+    return PacsSource(cfg, manifests, session.state_path)
 
 
 def _covariate_summary(cfg: ScanConfig, run: _Run) -> CovariateSummary:
@@ -201,6 +226,7 @@ class _Run:
         device: str,
         progress: _Progress,
         manifests: Sequence[Manifest],
+        source: PacsSource | None = None,
     ) -> None:
         import torch
 
@@ -215,8 +241,12 @@ class _Run:
         router = Router([m.ensemble.body_parts for m in models], [m.label for m in models],
                         cfg.body_part)  # fmt: skip
         # a copy of each radiograph travels with it only when a heatmap PNG may be drawn on it
-        self.loader = Loader(router, [m.preprocess for m in models],
-                             keep_display=cfg.heatmaps_dir is not None)  # fmt: skip
+        keep_display = cfg.heatmaps_dir is not None or cfg.dicom_heatmaps
+        self.source = source
+        if source is None:
+            self.loader = Loader(router, [m.preprocess for m in models], keep_display=keep_display)
+        else:  # reads retrieved instances from the source's cache, rows keyed dicomweb:…
+            self.loader = source.loader(router, [m.preprocess for m in models], keep_display)
         self.engine = LocalEngine(torch.device(device), workers, cfg.batch_size,
                                   session.inflight_dir, cfg.limits)  # fmt: skip
         self.scorer = Scorer(cfg, models)
@@ -225,12 +255,29 @@ class _Run:
         """Score ``files`` (or, with ``heatmaps_only``, add heatmaps to their stored rows).
 
         Returns the outputs re-exported on the way (long runs publish progress periodically).
+        A DICOMweb source retrieves them a chunk at a time (retrieval failures are error rows).
         """
+        if self.source is None:
+            return self._score(files, heatmaps_only)
+        written, state = list[Path](), self.session.state
+        for chunk in self.source.chunks(state, files, self.key):
+            failed = self.source.take_recorded()  # error rows of retrievals that failed
+            self.progress.add(failed, len(failed))
+            if chunk:
+                written += self._score(chunk, heatmaps_only)
+            if self.session.stop_signal is not None:
+                break
+        return written
+
+    def _score(self, files: list[Found], heatmaps_only: bool) -> list[Path]:
         cfg, state = self.cfg, self.session.state
         keep_heatmaps = cfg.hdf5 is not None and cfg.hdf5_heatmaps
         last_export, written = time.monotonic(), list[Path]()
         for batch in self.engine.batches(files, self.loader):
             scored = self.scorer.score(batch)
+            if self.source is not None:  # a reader death names the cache file: key it
+                for item in scored:
+                    item.row.path = self.source.key_of(item.row.path)
             write_heatmap_pngs(scored, cfg.heatmaps_dir)  # before the rows that name them
             if heatmaps_only:
                 attach_heatmaps(state, [s for s in scored if s.row.status == "ok"]

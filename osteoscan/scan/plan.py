@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +98,23 @@ def run_key_for(cfg: ScanConfig, manifests: Sequence[Manifest]) -> str:
 
 
 def record_orphans(
-    state: ScanState, inflight_dir: Path, key: str, *, reader_died: bool = False
+    state: ScanState,
+    inflight_dir: Path,
+    key: str,
+    *,
+    reader_died: bool = False,
+    rename: Callable[[str], str] | None = None,
 ) -> list[str]:
     """Record ``error`` rows for files that hung or crashed a reader; returns their paths.
 
     ``reader_died``: a reader process died during this run, so an untagged in-flight log is a
     decoder crash. At the start of a run an untagged log may instead be an outside kill of the
-    whole scan, so the file is blamed only when that happens twice in a row.
+    whole scan, so the file is blamed only when that happens twice in a row. ``rename`` maps
+    the path read to the row's path (a DICOMweb source reads a cached copy of the instance).
     """
     rows = []
-    for path, reason, certain in orphaned_inflight(inflight_dir):
+    for read_path, reason, certain in orphaned_inflight(inflight_dir):
+        path = rename(read_path) if rename is not None else read_path
         if not (certain or reader_died or state.bump_suspect(path) >= SUSPECT_LIMIT):
             continue  # first time: read it again in this run
         rows.append(ScoredRow(ResultRow.error(path, reason)))
