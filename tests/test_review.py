@@ -41,10 +41,10 @@ def write_results(path: Path, rows: list[ResultRow]) -> Path:
     return write_csv_atomic(path, result_columns(CLASSES), rows)
 
 
-def test_night_is_noon_to_noon_utc_named_by_its_morning() -> None:
-    assert night_of("2026-12-01T01:30:00Z") == "2026-12-01"
-    assert night_of("2026-11-30T23:50:00Z") == "2026-12-01"  # a run crossing midnight: one night
-    assert night_of("2026-11-30T11:59:59Z") == "2026-11-30"
+def test_night_is_noon_to_noon_utc_named_by_its_evening() -> None:
+    assert night_of("2026-12-01T01:30:00Z") == "2026-11-30"
+    assert night_of("2026-11-30T23:50:00Z") == "2026-11-30"  # a run crossing midnight: one night
+    assert night_of("2026-11-30T11:59:59Z") == "2026-11-29"
     assert night_of("garbage") == "unknown"
 
 
@@ -68,7 +68,7 @@ def test_gather_sorts_flagged_by_score_and_groups_problems(tmp_path: Path) -> No
     assert (top.status, top.count, top.reason) == ("error", 5, "truncated DICOM: <file> ends early")
     assert len(top.examples) == 3
     assert data.thresholds == [0.5]
-    assert data.run.new == 11 and data.run.night == "2026-11-30"
+    assert data.run.new == 11 and data.run.night == "2026-11-29"
 
 
 def test_unblend_recovers_the_radiograph_under_the_heatmap() -> None:
@@ -135,8 +135,8 @@ def test_trend_has_one_point_per_night_from_the_state(tmp_path: Path) -> None:
     with ScanState.open(default_state_path(results)) as state:
         state.record([ScoredRow(r) for r in rows], "key")
     data = gather(results, state=default_state_path(results))
-    assert [n.night for n in data.nights] == ["2026-11-27", "2026-11-28", "2026-11-29",
-                                              "2026-11-30"]  # fmt: skip
+    assert [n.night for n in data.nights] == ["2026-11-26", "2026-11-27", "2026-11-28",
+                                              "2026-11-29"]  # fmt: skip
     assert [n.rows for n in data.nights] == [11, 11, 11, 11]
     assert all(n.error == 1 for n in data.nights)
     assert sum(n.flagged for n in data.nights) == data.totals["flagged"]

@@ -145,7 +145,7 @@ def write_report(
     n_pages = max(1, -(-len(data.flagged) // page_size))
     main_hrefs = {n: _page_href(n, html.name, rel, from_main=True) for n in range(1, n_pages + 1)}
     sub_hrefs = {n: _page_href(n, html.name, rel, from_main=False) for n in range(1, n_pages + 1)}
-    title = f"osteoscan report: {data.run.night or data.generated_at[:10]}"
+    title = f"osteoscan report: night of {data.run.night or data.generated_at[:10]}"
     body = "".join([
         f"<h1>{esc(title)}</h1>", sec.banner(), sec.meaning(models, data.covariate_use, prefix),
         '<nav class="toc"><a href="#run">The run</a><a href="#plots">Plots</a>'

@@ -4,9 +4,9 @@ The CSV is streamed once: only the flagged rows are kept whole (they are listed)
 become counts, score/uncertainty arrays for the plots and a few example paths per problem, so
 memory stays small over an archive of any size. The page therefore carries no more than the CSV.
 
-Per-night trend: a *night* runs from noon to noon UTC and is named by the morning it ends on
-(``2026-12-01T01:30:00Z`` and ``2026-11-30T23:50:00Z`` both belong to night ``2026-12-01``), so
-a run that crosses midnight stays one night.
+Per-night trend: a *night* runs from noon to noon UTC and is named by the evening it starts on
+(``2026-12-01T01:30:00Z`` and ``2026-11-30T23:50:00Z`` both belong to the night of
+``2026-11-30``), so a run that crosses midnight stays one night.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from osteoscan.rows import ResultRow, utc_now
 
 STATUSES = ("ok", "skipped", "error", "missing")
 EXAMPLES_PER_PROBLEM = 3
-# A night is noon-to-noon UTC: shifting by 12 h makes the date of its morning the night's name.
+# A night is noon-to-noon UTC: going back 12 h makes the date of its evening the night's name.
 NIGHT_SHIFT = timedelta(hours=12)
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # Cells beyond the csv module's 128 KB default exist in results written before hostile headers
@@ -43,9 +43,9 @@ def parse_utc(text: str) -> datetime | None:
 
 
 def night_of(scanned_at: str) -> str:
-    """The night (noon-to-noon UTC, named by its morning) of a timestamp; ``unknown`` if bad."""
+    """The night (noon-to-noon UTC, named by its evening) of a timestamp; ``unknown`` if bad."""
     ts = parse_utc(scanned_at)
-    return (ts + NIGHT_SHIFT).date().isoformat() if ts else "unknown"
+    return (ts - NIGHT_SHIFT).date().isoformat() if ts else "unknown"
 
 
 @dataclass

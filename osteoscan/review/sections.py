@@ -100,7 +100,7 @@ def run_summary(data: ReportData, models: Sequence[ModelInfo], prefix: str) -> s
         else esc(m.label) for m in models) or "–"  # fmt: skip
     rows = [
         ("results", f'<span class="mono">{esc(data.results.name)}</span>'),
-        ("night", esc(run.night or "–")),
+        ("night of", esc(run.night or "–")),
         ("run", f"{esc(run.started or '–')} → {esc(run.ended or '–')} "
                 f"({esc(duration(run.elapsed_s))}, {how})"),
         ("models", model_cells),
