@@ -9,6 +9,7 @@ import pytest
 from osteoscan.covariates import (
     Covariates,
     CovariateTable,
+    CovariateTally,
     parse_age,
     parse_sex,
     write_covariates_csv,
@@ -175,3 +176,21 @@ def test_tally_warns_when_the_csv_matches_no_image(tmp_path: Path) -> None:
     plain = CovariateTally()
     plain.resolve(Covariates(70.0, "F"), tmp_path / "a.dcm")
     assert plain.summary().from_header == 1 and plain.summary().warnings() == []
+
+
+def test_written_keys_are_inert_and_read_back_the_same(tmp_path: Path) -> None:
+    path = write_covariates_csv(tmp_path / "c.csv", [("=1+1.jpg", 70.0, "F"), ("-x.png", 60, "M")])
+    text = path.read_text()
+    assert "'=1+1.jpg" in text and "'-x.png" in text  # a spreadsheet shows them as text
+    table = CovariateTable.from_csv(path)
+    assert table.lookup(Path("=1+1.jpg")) == Covariates(70.0, "F")
+    assert table.lookup(Path("-x.png")) == Covariates(60.0, "M")
+
+
+def test_warnings_quote_names_and_values_as_inert_text(tmp_path: Path) -> None:
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text("path,age,sex\n\x1b[2Ja.png,\x1b[31msixty,F\nb.png,70,F\n")
+    tally = CovariateTally.from_csv(csv_path)
+    tally.resolve(Covariates(), Path("x\x1b[2J\n.png"))
+    text = " ".join(tally.summary().warnings())
+    assert text and "\x1b" not in text and "\n" not in text and "\\x1b[2J" in text

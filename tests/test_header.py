@@ -99,3 +99,19 @@ def test_states_body_part_is_a_flag_not_reason_text() -> None:
     assert header.states_body_part(ds(StudyDescription="XR KNEE BILAT"))
     assert not header.states_body_part(ds(BodyPartExamined="EXTREMITY"))
     assert not header.states_body_part(ds())
+
+
+def test_header_values_are_checked_against_their_vr() -> None:
+    """A value outside its VR's repertoire is dropped (never quoted); an over-long one is cut."""
+    swallowed = "KNEE\x00\x10\x00\x10\x00PN\x12\x00DOE^JANE"  # a length that ate PatientName
+    part, reason = header.body_part(ds(StudyDescription=swallowed))
+    assert part == "unknown" and "DOE" not in reason and "\x00" not in reason
+    part, reason = header.body_part(ds(BodyPartExamined="\x1b[2JKNEE"))
+    assert part == "unknown" and "\x1b" not in reason and "no BodyPartExamined" in reason
+    part, reason = header.body_part(ds(BodyPartExamined="=HYPERLINK(x)"))
+    assert part == "unknown" and "HYPERLINK" not in reason
+    part, reason = header.body_part(ds(BodyPartExamined="THORACOLUMBAR SPINE"))  # 19 > 16: cut
+    assert part == "spine" and reason == "BodyPartExamined='THORACOLUMBAR SP'"
+    assert header.sex(ds(PatientSex="F\x1b[2J")) is None
+    assert header.age_years(ds(PatientAge="065Y\x00DOE")) is None
+    assert header.header_text(ds(StudyDescription="x" * 100), "StudyDescription") == "x" * 64
