@@ -24,6 +24,8 @@ def clean(value: object, limit: int = MAX_CELL) -> str:
     """A value as display text: control and bidi-override characters shown as ``\\xNN``
     escapes (a file name must not reorder or hide the text around it), cut at ``limit``."""
     text = "" if value is None else str(value)
+    if text.isascii() and text.isprintable() and len(text) <= limit:
+        return text  # the common case, checked at C speed
     text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates of odd names
     text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
                         else f"\\u{ord(m.group()):04x}", text)  # fmt: skip
