@@ -189,6 +189,7 @@ def test_kill_during_second_night_appends(nights: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_kill_during_second_night_appends_many_trials(nights: dict, tmp_path: Path) -> None:
     rng = random.Random(7)
     results = [kill_night2_and_rerun(nights, tmp_path / f"t{t}", rng) for t in range(20)]
