@@ -270,6 +270,7 @@ def _generated(path: Path, n: int, nights: int) -> Path:
     return write_csv_atomic(path, result_columns(("normal", "osteopenia", "osteoporosis")), rows)
 
 
+@pytest.mark.slow  # 20-30 s on 2 shared cores: generating 10,000 rows and 47 pages dominates
 def test_ten_thousand_rows_render_quickly(tmp_path: Path) -> None:
     results = _generated(tmp_path / "r.csv", 10_000, nights=14)
     t0 = time.perf_counter()
