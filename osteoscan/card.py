@@ -7,6 +7,7 @@ the card can cite it.
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Mapping
 from importlib import metadata
@@ -219,6 +220,9 @@ def write_card(
         *_added_value(metrics, positive),
         "",
         _METRICS_NOTE,
+        *_target_note(m.get("target")),
+        "",
+        *_speed_section(m.get("extra") or {}),
         "",
         *_LIMITATIONS,
         "",
@@ -231,6 +235,44 @@ def write_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _target_note(target: Mapping[str, Any] | None) -> list[str]:
+    """What an ordinal or T-score model's numbers mean (nothing for plain classes)."""
+    if not target:
+        return []
+    if target.get("kind") == "ordinal":
+        return ["", "Ordinal model (adjacent-category logit head): the classes are ordered grades; "
+                "quadratic weighted kappa and mean absolute grade error are of the most probable "
+                "grade."]  # fmt: skip
+    if target.get("kind") == "tscore":
+        scale = target.get("scale")
+        values: list[Any] = scale if isinstance(scale, list) else [scale]
+        scales = ", ".join(f"{float(x):.3f}" for x in values if x is not None)
+        return ["", "T-score model: a regression head predicts the T-score; the WHO category "
+                "probabilities (T <= -2.5 osteoporosis, -2.5 < T < -1 osteopenia, T >= -1 normal) "
+                "follow from it with an error scale fitted on the validation part "
+                f"(scale per member: {scales}). T-score MAE / Pearson r / AUCs of the predicted "
+                "T-score are on the held-out part."]  # fmt: skip
+    return []
+
+
+def _speed_section(extra: Mapping[str, Any]) -> list[str]:
+    """Measured training speed (images per second per stage) and wall times."""
+    t = extra.get("timings") or {}
+    rates = [(k[: -len("_img_s")], v) for k, v in t.items() if k.endswith("_img_s") and v]
+    if not rates:
+        return []
+    host = f"{platform.machine()}, {os.cpu_count()} CPU(s)"
+    lines = ["## Training speed", f"Measured on this run ({host}; median over epochs):"]
+    names = {"read": "reading + preprocessing (files/s)", "val": "validation forward"}
+    for stage, v in rates:
+        lines.append(f"- {names.get(stage, f'training, stage {stage}')}: {float(v):.1f} images/s")
+    walls = [f"{k[:-2]} {float(v) / 60:.1f} min" for k, v in t.items() if k.endswith("_s")
+             and not k.endswith("img_s")]  # fmt: skip
+    if walls:
+        lines.append("- Wall time: " + ", ".join(walls))
+    return [*lines, ""]
 
 
 def _intended_use_and_model(m: Mapping[str, Any]) -> list[str]:

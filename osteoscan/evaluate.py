@@ -62,6 +62,8 @@ class _Scored:
     fused_with: list[str] = field(default_factory=list)
     seen: dict[str, list[str]] = field(default_factory=lambda: {"file": [], "pixels": []})
     data_classes: list[str] = field(default_factory=list)
+    values: list[float | None] = field(default_factory=list)  # true T-scores (path,tscore CSV)
+    member_probs: list[np.ndarray] = field(default_factory=list)  # (B, M, C) per batch
 
     def not_scored(self, status: str) -> list[dict[str, Any]]:
         """Frames with ``status`` (``error`` or ``skipped``): path, frame and reason."""
@@ -82,10 +84,11 @@ class _Scorer:
         self._c: list[Covariates] = []
         self._sha: dict[str, str] = {}
 
-    def add(self, rec: LoadedFrame, label: str, cov: Covariates) -> None:
+    def add(self, rec: LoadedFrame, label: str, cov: Covariates, value: float | None) -> None:
         """One scorable frame: batched, and checked against the training set."""
         assert rec.pixels is not None
         self.out.labels.append(label)
+        self.out.values.append(value)
         self.out.covs.append(cov)
         self._x.append(rec.pixels)
         self._c.append(cov)
@@ -108,6 +111,7 @@ class _Scorer:
         x = torch.from_numpy(np.stack(self._x)[:, None])
         pred = self.ens.predict(x, covariates=list(self._c))
         self.out.img_probs.append(pred.member_probs.mean(axis=1))
+        self.out.member_probs.append(pred.member_probs)
         self.out.fused_probs.append(pred.probs)
         self.out.fused_with.extend(pred.covariates_used)
         self._x.clear()
@@ -127,7 +131,7 @@ def _score(
             out.frames.append(row)
             if rec.scorable:
                 cov = tally.resolve(Covariates(age=rec.age, sex=rec.sex), s.path, root)
-                scorer.add(rec, s.label, cov)
+                scorer.add(rec, s.label, cov, s.value)
         if progress is not None:
             progress(k + 1, len(samples))
     scorer.flush()
@@ -193,6 +197,7 @@ def _metrics_for(
     threshold: float,
     n_boot: int,
     seed: int,
+    ordinal: bool = False,
 ) -> dict[str, Any]:
     if mode == "collapsed":
         pos_idx = [list(model_classes).index(c) for c in positive]
@@ -202,8 +207,9 @@ def _metrics_for(
     else:
         y = np.array([list(eval_classes).index(lab) for lab in labels], dtype=np.int64)
     return classification_metrics(
-        y, probs, eval_classes, eval_positive, threshold, n_boot=n_boot, seed=seed
-    )
+        y, probs, eval_classes, eval_positive, threshold, n_boot=n_boot, seed=seed,
+        ordinal=ordinal and mode == "direct",
+    )  # fmt: skip
 
 
 def _variants(
@@ -219,9 +225,15 @@ def _variants(
     # as scan applies them (Manifest.threshold_for); packages without an image-only threshold
     # use the one threshold for both.
     thr_img, thr_comb = man.threshold_for(fused=False), man.threshold_for(fused=True)
-    args_img = (model_classes, positive, eval_classes, eval_positive, mode, thr_img, n_boot, seed)
-    args = (model_classes, positive, eval_classes, eval_positive, mode, thr_comb, n_boot, seed)
+    ordinal = (man.target or {}).get("kind") == "ordinal"
+    args_img = (model_classes, positive, eval_classes, eval_positive, mode, thr_img, n_boot, seed,
+                ordinal)  # fmt: skip
+    args = (model_classes, positive, eval_classes, eval_positive, mode, thr_comb, n_boot, seed,
+            ordinal)  # fmt: skip
     variants: dict[str, Any] = {"image_only": _metrics_for(labels, p_img, *args_img)}
+    ts = _tscore_block(man, sc, n_boot, seed)
+    if ts is not None:
+        variants["image_only"]["tscore"] = ts
     # With no covariate on any image, "combined" is the image-only result again: not reported as
     # a second, identical table that suggests age and sex were used.
     if man.fusion is not None and any(sc.fused_with):
@@ -236,6 +248,20 @@ def _variants(
             variants["covariates_only"] = _metrics_for(sub, p_cov[rows].astype(np.float64), *args)
         variants["combined"] = _metrics_for(labels, p_comb, *args)
     return variants
+
+
+def _tscore_block(man: Any, sc: _Scored, n_boot: int, seed: int) -> dict[str, Any] | None:
+    """T-score metrics of a T-score model on data with T-scores (None otherwise)."""
+    target = man.target or {}
+    if target.get("kind") != "tscore" or not sc.values or None in sc.values:
+        return None
+    from osteoscan.metrics import tscore_metrics
+    from osteoscan.train.tscore import member_scales, tscore_from_probs
+
+    temps = [float(m.temperature) for m in man.members]
+    pred = tscore_from_probs(np.concatenate(sc.member_probs), member_scales(target, temps))
+    true = np.array(sc.values, dtype=np.float64)
+    return tscore_metrics(true, pred, n_boot=n_boot, seed=seed)
 
 
 def evaluate_model(
@@ -315,6 +341,8 @@ def _report(
     covs, cov_summary = sc.covs, tally.summary()
     overlap = _overlap(sc, fps)
     result: dict[str, Any] = dict(variants[primary])
+    if "tscore" in variants["image_only"]:  # image-only either way: fusion leaves T alone
+        result["tscore"] = variants["image_only"]["tscore"]
     result.update({
         "primary": primary,
         "model": {"name": man.name, "version": man.version, "path": str(pkg.path)},

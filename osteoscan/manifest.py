@@ -117,6 +117,10 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     # Fingerprints of the training images (osteoscan.train.fingerprints): evaluate warns on them.
     training_fingerprints: dict[str, Any] | None = None
+    # What the members predict beyond plain classes: None (classes), {"kind": "ordinal"} (ordered
+    # classes) or {"kind": "tscore", "cutoffs": [-1, -2.5], "scale": [tau per member], ...}: a
+    # T-score model whose predicted T-score osteoscan.train.tscore recovers from the probabilities.
+    target: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -312,6 +316,8 @@ def package_identity(manifest: Manifest) -> str:
         "fusion": _fusion_as_in_schema_1(manifest),
         "members": [_member_identity(m) for m in manifest.members],
     }
+    if manifest.target:  # only when set: older packages keep their identity
+        key["target"] = manifest.target
     blob = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

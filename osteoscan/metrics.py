@@ -13,6 +13,12 @@ Definitions (chosen so the published knee-X-ray tables compare, and documented i
 - ``per_class``: one-vs-rest sensitivity/specificity/precision/F1 of the argmax prediction;
   ``macro``: their unweighted means.
 - ``confusion_matrix``: counts over all classes, rows = true class, columns = argmax prediction.
+- Ordered classes (``ordinal=True``): ``qwk``, Cohen's quadratic weighted kappa of the argmax
+  grade against the true grade, and ``mae``, their mean absolute difference in grades (class
+  positions).
+- :func:`tscore_metrics`: predicted vs true T-scores: ``mae``, ``rmse``, ``pearson_r`` and the
+  ROC-AUCs of the predicted T-score (lower = more positive) for ``osteoporosis`` (T <= -2.5) and
+  ``low_bone_mass`` (T < -1).
 
 Every scalar is ``{"value": x, "ci95": [lo, hi]}``: a percentile bootstrap over images
 (``n_boot`` resamples with replacement; resamples where a metric is undefined, e.g. one without
@@ -136,6 +142,23 @@ def _all_metrics(
     return out
 
 
+def _ordinal(w: np.ndarray, y: np.ndarray, pred: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Quadratic weighted kappa and mean absolute grade error, one value per weight row."""
+    pair = np.zeros((len(y), k * k))
+    pair[np.arange(len(y)), y * k + pred] = 1.0
+    obs = (w @ pair).reshape(-1, k, k)  # weighted confusion matrix per resample
+    total = obs.sum(axis=(1, 2))
+    grid = np.arange(k)
+    cost = (grid[:, None] - grid[None, :]) ** 2 / max(1, (k - 1) ** 2)
+    expected = obs.sum(axis=2)[:, :, None] * obs.sum(axis=1)[:, None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = expected / np.where(total > 0, total, 1.0)[:, None, None]
+        num = (cost * obs).sum(axis=(1, 2))
+        den = (cost * expected).sum(axis=(1, 2))
+        qwk = np.where(den > 0, 1.0 - num / np.where(den > 0, den, 1.0), np.nan)
+    return {"qwk": qwk, "mae": _ratio(w @ np.abs(y - pred).astype(np.float64), total)}
+
+
 def _cell(value: float, boot: np.ndarray | None) -> dict[str, Any]:
     v = None if value is None or not np.isfinite(value) else float(value)
     ci: list[float | None] = [None, None]
@@ -157,11 +180,13 @@ def classification_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     stratified: bool = False,
+    ordinal: bool = False,
 ) -> dict[str, Any]:
     """All metrics of the module docstring, each with a bootstrap 95 % interval, as plain JSON.
 
     ``y_true``: class indices or class names; ``probs``: (N, C) probabilities in ``classes``
-    order. ``n_boot=0`` skips the bootstrap (intervals are ``[None, None]``).
+    order. ``n_boot=0`` skips the bootstrap (intervals are ``[None, None]``). ``ordinal``: the
+    classes are ordered grades, in ``classes`` order (adds ``qwk`` and ``mae``).
     """
     probs = np.asarray(probs, dtype=np.float64)
     classes = list(classes)
@@ -218,7 +243,69 @@ def classification_metrics(
         **_counts(y, probs, pos_mask, threshold, classes),
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "stratified": bool(stratified)},
     }
+    if ordinal:
+        pred, k = probs.argmax(axis=1), len(classes)
+        o_point = _ordinal(np.ones((1, len(y))), y, pred, k)
+        o_boot = (
+            _ordinal(_weights(y, n_boot, seed, stratified), y, pred, k)
+            if n_boot > 0 and len(y) > 0
+            else {}
+        )
+        for key in ("qwk", "mae"):
+            result[key] = _cell(float(o_point[key][0]), o_boot.get(key))
     return result
+
+
+def _pearson(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    tot = w.sum(axis=1)
+    ma, mb = (w @ a) / tot, (w @ b) / tot
+    cov = (w @ (a * b)) / tot - ma * mb
+    va, vb = (w @ (a * a)) / tot - ma**2, (w @ (b * b)) / tot - mb**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = np.sqrt(np.clip(va, 0, None) * np.clip(vb, 0, None))
+        return np.where(den > 1e-12, cov / np.where(den > 1e-12, den, 1.0), np.nan)
+
+
+def _tscore_all(w: np.ndarray, t: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    tot = w.sum(axis=1)
+    err = p - t
+    return {
+        "mae": _ratio(w @ np.abs(err), tot),
+        "rmse": np.sqrt(_ratio(w @ (err * err), tot)),
+        "pearson_r": _pearson(w, t, p),
+        "osteoporosis": _weighted_auc(w, t <= -2.5, -p),
+        "low_bone_mass": _weighted_auc(w, t < -1.0, -p),
+    }
+
+
+def tscore_metrics(
+    t_true: Sequence[float] | np.ndarray,
+    t_pred: Sequence[float] | np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Predicted vs true T-scores (see the module docstring), bootstrap 95 % intervals."""
+    t = np.asarray(t_true, dtype=np.float64)
+    p = np.asarray(t_pred, dtype=np.float64)
+    if t.shape != p.shape:
+        raise ValueError("t_true and t_pred differ in length")
+    point = _tscore_all(np.ones((1, len(t))), t, p)
+    boot = (
+        _tscore_all(_weights(np.zeros(len(t), dtype=np.int64), n_boot, seed, False), t, p)
+        if n_boot > 0 and len(t) > 1
+        else {}
+    )
+
+    def cell(key: str) -> dict[str, Any]:
+        return _cell(float(point[key][0]), boot.get(key))
+
+    return {
+        "n": int(len(t)),
+        "mae": cell("mae"),
+        "rmse": cell("rmse"),
+        "pearson_r": cell("pearson_r"),
+        "roc_auc": {"osteoporosis": cell("osteoporosis"), "low_bone_mass": cell("low_bone_mass")},
+    }
 
 
 def _counts(
@@ -267,6 +354,15 @@ def format_metrics_table(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     for key, label in named:
         if key in metrics:
             rows.append((label, *_fmt(metrics[key])))
+    if "qwk" in metrics:
+        rows.append(("quadratic weighted kappa (grades)", *_fmt(metrics["qwk"])))
+        rows.append(("mean absolute grade error", *_fmt(metrics["mae"])))
+    ts = metrics.get("tscore")
+    if isinstance(ts, dict):
+        rows.append(("T-score MAE", *_fmt(ts["mae"])))
+        rows.append(("T-score Pearson r", *_fmt(ts["pearson_r"])))
+        rows.append(("ROC-AUC of predicted T, T <= -2.5", *_fmt(ts["roc_auc"]["osteoporosis"])))
+        rows.append(("ROC-AUC of predicted T, T < -1", *_fmt(ts["roc_auc"]["low_bone_mass"])))
     auc = metrics.get("roc_auc", {})
     if "macro" in auc:
         rows.append(("ROC-AUC macro (one-vs-rest)", *_fmt(auc["macro"])))

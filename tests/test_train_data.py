@@ -9,7 +9,7 @@ import pytest
 
 from osteoscan.errors import UsageError
 from osteoscan.testing.synthetic import write_png
-from osteoscan.train.data import canonical_class, load_labelled
+from osteoscan.train.data import canonical_class, load_labelled, resolve_positive
 
 KNEE = Path("/work/shared/data/knee-xray")
 
@@ -61,12 +61,20 @@ def test_folder_per_class_with_aliases_and_groups(tmp_path: Path) -> None:
     }
 
 
-def test_unknown_folder_lists_aliases(tmp_path: Path) -> None:
+def test_any_folder_name_is_a_class_and_positive_must_be_named(tmp_path: Path) -> None:
     _img(tmp_path / "normal" / "a.png")
     _img(tmp_path / "fractured" / "b.png")
-    with pytest.raises(UsageError, match="fractured") as err:
-        load_labelled(tmp_path)
-    assert "osteoporosis" in str(err.value) and "healthy" in str(err.value)
+    samples, classes = load_labelled(tmp_path)
+    assert classes == ["fractured", "normal"]  # not the osteoporosis set: alphabetical
+    # Nobody can guess which class is positive: the error names the classes and the aliases.
+    with pytest.raises(UsageError, match="--positive is required") as err:
+        resolve_positive(classes, ())
+    assert "fractured" in str(err.value) and "healthy" in str(err.value)
+    assert resolve_positive(classes, ("fractured",)) == ("fractured",)
+    assert resolve_positive(["normal", "osteoporosis"], ()) == ("osteoporosis",)
+    assert resolve_positive(["normal", "osteoporosis"], ("Osteoporotic",)) == ("osteoporosis",)
+    with pytest.raises(UsageError, match="not among"):
+        resolve_positive(classes, ("broken",))
 
 
 def test_single_class_and_empty_are_usage_errors(tmp_path: Path) -> None:
@@ -96,8 +104,8 @@ def test_labels_csv(tmp_path: Path) -> None:
 def test_labels_csv_errors(tmp_path: Path) -> None:
     _img(tmp_path / "1.png")
     csv = tmp_path / "labels.csv"
-    csv.write_text("path,label\n1.png,broken-bone\n")
-    with pytest.raises(UsageError, match="broken-bone"):
+    csv.write_text("path,label\n1.png,\n")
+    with pytest.raises(UsageError, match="empty label"):
         load_labelled(csv)
     csv.write_text("path,label\n1.png,normal\nmissing.png,osteoporosis\n")
     with pytest.raises(UsageError, match="missing.png"):

@@ -45,8 +45,17 @@ PatienceOpt = Annotated[int | None, Opt("--patience", help="Early stopping: epoc
                                         "validation-AUC gain.")]  # fmt: skip
 AugmentOpt = Annotated[bool | None, Opt("--augment/--no-augment", help="Random affine "
                                         "augmentation.", **FLAG)]  # fmt: skip
-PositiveOpt = Annotated[str | None, Opt("--positive", help="Screening-positive classes, "
-                                        "comma-separated (default osteoporosis).")]  # fmt: skip
+PositiveOpt = Annotated[str | None, Opt("--positive", help="Screening-positive classes, comma-"
+                                        "separated (default osteoporosis; required when the "
+                                        "classes are not the osteoporosis ones).")]  # fmt: skip
+ClassesOpt = Annotated[str | None, Opt("--classes", help="Class order, comma-separated (e.g. "
+                                       "0,1,2,3,4); default: from the data.")]  # fmt: skip
+OrdinalOpt = Annotated[bool, Opt("--ordinal", help="The classes are ordered grades (in --classes "
+                                 "order): ordinal head and loss; evaluate adds QWK and MAE.",
+                                 **FLAG)]  # fmt: skip
+TargetOpt = Annotated[str, Opt("--target", help="class (labels) or tscore (a path,tscore[,group] "
+                               "CSV: regression on T-scores, WHO categories from the predicted "
+                               "T-score).")]  # fmt: skip
 SensOpt = Annotated[float | None, Opt("--target-sensitivity", help="Sensitivity the stored "
                                       "threshold reaches on held-out data.")]  # fmt: skip
 CovOpt = Annotated[Path | None, Opt("--covariates", help="CSV with path (or file stem), age, sex "
@@ -173,6 +182,8 @@ def _overrides(ctx: typer.Context) -> dict[str, Any]:
     return {
         **{k: p[k] for k in same},
         "archs": tuple(p["arch"]) if p["arch"] else None, "positive": _csv_list(p["positive"]),
+        "classes": _csv_list(p["classes"]), "ordinal": p["ordinal"] or None,
+        "target": p["target"],
         "covariates_csv": p["covariates"], "covariate_columns": cols,
         "random_init": p["random_init"] or None, "name": p["name"] or p["out"].name,
         "body_parts": (p["body_part"],), "num_threads": p["threads"], "preprocess": pre or None,
@@ -212,6 +223,7 @@ def register(app: typer.Typer) -> None:
         stage1_epochs: Stage1Opt = None, unfreeze_blocks: UnfreezeOpt = None, lr: LrOpt = None,
         lr_stage2: Lr2Opt = None, optimizer: OptimOpt = None, schedule: SchedOpt = None,
         patience: PatienceOpt = None, augment: AugmentOpt = None, positive: PositiveOpt = None,
+        classes: ClassesOpt = None, ordinal: OrdinalOpt = False, target: TargetOpt = "class",
         target_sensitivity: SensOpt = None, covariates: CovOpt = None,
         covariate_columns: CovColsOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None,
         weights: WeightsOpt = None, random_init: RandomOpt = False, size: SizeOpt = None,

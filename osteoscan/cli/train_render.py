@@ -34,6 +34,12 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) and math.isfinite(x) else "n/a"
 
 
+def _rates(m: dict[str, Any]) -> str:
+    """``, train 17.2 img/s, val 51.0 img/s`` from an epoch's metrics (empty when absent)."""
+    parts = [f"{k} {m[f'{k}_img_s']:.1f} img/s" for k in ("train", "val") if m.get(f"{k}_img_s")]
+    return "".join(f", {p}" for p in parts)
+
+
 class LogRenderer:
     """Plain timestamped lines (cron logs, pipes, ``--quiet``)."""
 
@@ -64,8 +70,13 @@ class LogRenderer:
                 f"member {ev.member + 1}/{ev.n_members} epoch {ev.epoch}/{ev.n_epochs} "
                 f"[{ev.stage}] train_loss {fmt(m.get('train_loss'))} val_loss "
                 f"{fmt(m.get('val_loss'))} val_auc {fmt(m.get('val_auc'))} "
-                f"({m.get('seconds', 0.0):.1f} s){' *' if m.get('best') else ''}"
+                f"({m.get('seconds', 0.0):.1f} s{_rates(m)}){' *' if m.get('best') else ''}"
             )
+        elif ev.kind == "progress":
+            now = time.monotonic()
+            if ev.step == ev.n_steps or now - self._last >= self.read_every:
+                self._last = now
+                self._line(f"{ev.message}: {ev.step}/{ev.n_steps} images")
         elif ev.kind == "member_end":
             self._line(
                 f"member {ev.member + 1}/{ev.n_members} done: best epoch {m.get('best_epoch')}, "
@@ -94,6 +105,8 @@ class RichRenderer:
         self.overall: TaskID | None = None
         self.batches: TaskID | None = None
         self.read: TaskID | None = None
+        self.forward: TaskID | None = None
+        self._forward_what = ""
         self.done_epochs = 0
         self.auc = float("nan")
         self._member_epochs = 0
@@ -110,6 +123,13 @@ class RichRenderer:
             if self.read is None:
                 self.read = p.add_task("read", total=ev.n_steps, info="files")
             p.update(self.read, completed=ev.step)
+        elif ev.kind == "progress":
+            if self.forward is None:
+                self.forward = p.add_task("forward", total=max(ev.n_steps, 1), info="")
+            if ev.step <= 0 or ev.message != self._forward_what:
+                self._forward_what = ev.message
+                p.reset(self.forward, total=max(ev.n_steps, 1))
+            p.update(self.forward, completed=ev.step, info=ev.message)
         elif ev.kind == "member_start":
             if self.overall is None:
                 # Upper bound: early stopping usually ends members sooner (ETA is pessimistic).
@@ -126,6 +146,8 @@ class RichRenderer:
             self.done_epochs += 1
             self.auc = ev.metrics.get("val_auc", float("nan"))
             info = f"member {ev.member + 1}/{ev.n_members} val AUC {fmt(self.auc)}"
+            info += _rates(ev.metrics)
+            self._forward_what = ""  # the next forward pass starts its bar afresh
             p.update(self.overall, completed=self.done_epochs, info=info)
         elif ev.kind == "member_end" and self.overall is not None:
             # Epochs skipped by early stopping count as done, so the ETA stays honest.

@@ -10,6 +10,10 @@ or ``--heatmaps-for all`` every row is explained in the *same* forward pass as i
 With only ``--heatmaps DIR --heatmaps-for flagged``, the ensemble opens the Grad-CAM forward for
 the whole batch (autograd starts at the CAM layer, so this costs about one inference) and
 backpropagates only the rows its fused score flags. Scores never depend on the heatmap options.
+
+T-score models (``manifest.target["kind"] == "tscore"``): :func:`predicted_tscores` recovers each
+row's predicted T-score from its members' probabilities (:mod:`osteoscan.train.tscore`) for the
+``tscore`` column; other models leave it empty.
 """
 
 from __future__ import annotations
@@ -69,6 +73,21 @@ def load_models(refs: Sequence[str | Path], device: torch.device) -> list[Loaded
     if not out:
         raise OsteoscanError("no model package to scan with")
     return out
+
+
+def predicted_tscores(manifest: Manifest, member_probs: np.ndarray) -> np.ndarray | None:
+    """Predicted T-score per row (image only) of a T-score model; None for other models.
+
+    ``member_probs`` (B, M, C): the members' calibrated probabilities, as
+    :class:`~osteoscan.ensemble.BatchPrediction` gives them.
+    """
+    target = manifest.target or {}
+    if target.get("kind") != "tscore":
+        return None
+    from osteoscan.train.tscore import member_scales, tscore_from_probs
+
+    temps = [float(m.temperature) for m in manifest.members]
+    return tscore_from_probs(member_probs, member_scales(target, temps))
 
 
 class Scorer:
@@ -134,6 +153,7 @@ class Scorer:
         inputs = x.numpy()[:, 0] if x.device.type == "cpu" else x.cpu().numpy()[:, 0]
         row_thr = pred.thresholds if pred.thresholds is not None else [pred.threshold] * len(idx)
         classes, folder = m.ensemble.classes, cfg.heatmaps_dir
+        tscores = predicted_tscores(m.manifest, pred.member_probs)
         for k, i in enumerate(idx):
             item, row = out[i], out[i].row
             row.model = m.label
@@ -143,6 +163,8 @@ class Scorer:
             row.flagged = bool(pred.flagged[k])
             row.uncertainty = float(pred.uncertainty[k])
             row.covariates = pred.covariates_used[k]
+            if tscores is not None and hasattr(row, "tscore"):  # the column rows.py declares
+                setattr(row, "tscore", float(tscores[k]))  # noqa: B010 - see above
             item.member_probs = np.asarray(pred.member_probs[k])
             item.heatmap = pred.heatmaps[k]
             item.model_input = inputs[k]

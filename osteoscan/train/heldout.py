@@ -59,7 +59,7 @@ class _Rows:
     def metrics(self, rows: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
         return classification_metrics(
             self.y[rows], probs, self.classes, list(self.cfg.positive), threshold,
-            n_boot=self.cfg.n_boot, seed=self.cfg.seed,
+            n_boot=self.cfg.n_boot, seed=self.cfg.seed, ordinal=self.cfg.ordinal,
         )  # fmt: skip
 
 

@@ -77,7 +77,7 @@ def build_training_set(
         # Frames of one file are one group: never on both sides of a split.
         group = f.group if len(ok) < 2 else (f.group or f"file:{f.path}")
         for r in ok:
-            ts.samples.append(LabelledSample(path=f.path, label=f.label, group=group))
+            ts.samples.append(LabelledSample(f.path, f.label, group, f.value))
             ts.items.append(r)
             ts.file_of.append(k)
     return ts

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from osteoscan.train.augment import RandomAffine
+from osteoscan.train.objectives import ClassObjective
 from osteoscan.train.recipe import TrainConfig
 
 __all__ = [
@@ -55,8 +55,9 @@ class TrainEvent:
 
     ``kind``: ``phase`` (a step of the pipeline, ``message`` says which), ``read`` (images read,
     ``step``/``n_steps``), ``member_start``, ``epoch_start``, ``batch``, ``epoch_end`` (``metrics``
-    holds train_loss, val_loss, val_auc, lr, seconds), ``member_end``, ``warning`` (a problem
-    in the data a person should fix, ``message`` says which), ``done``.
+    holds train_loss, val_loss, val_auc, lr, seconds, train_img_s, val_img_s), ``member_end``,
+    ``progress`` (a long forward pass: ``message`` says which, ``step``/``n_steps`` images),
+    ``warning`` (a problem in the data a person should fix, ``message`` says which), ``done``.
     """
 
     kind: str
@@ -142,8 +143,10 @@ def predict_logits(
     batch_size: int = 32,
     channels_last: bool = True,
     amp: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Logits (N, C) float32 of ``model`` in eval mode for a uint16 batch (N, 1, S, S)."""
+    """Logits (N, C) float32 of ``model`` in eval mode for a uint16 batch (N, 1, S, S);
+    ``progress(done, total)`` after each batch."""
     device = torch.device(device)
     model.eval()
     out = []
@@ -152,6 +155,8 @@ def predict_logits(
         inp = to_model_input(xb, mean, std, channels_last=channels_last)
         with _autocast(device, amp):
             out.append(model(inp).float().cpu())
+        if progress is not None:
+            progress(min(i + batch_size, x.shape[0]), x.shape[0])
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32)
@@ -181,6 +186,11 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int, warmup_steps: int) -> Callabl
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
     return fn
+
+
+def _rate(n: int, seconds: float) -> float:
+    """Images per second (0 when nothing was timed)."""
+    return float(n / seconds) if seconds > 0 and n else 0.0
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -218,11 +228,11 @@ class _Fit:
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, seed: int,
                  data: tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray],
                  norm: tuple[Sequence[float], Sequence[float]], n_classes: int,
-                 positive_idx: Sequence[int], event: Callable[..., None]) -> None:  # fmt: skip
+                 objective: ClassObjective, event: Callable[..., None]) -> None:  # fmt: skip
         train_x, train_y, self.val_x, val_y = data
         self.model, self.cfg, self.device, self.event = model, cfg, device, event
         self.mean, self.std = norm
-        self.positive_idx = positive_idx
+        self.objective = objective
         self.amp = (
             (device.type == "cuda") if cfg.amp is None else bool(cfg.amp and device.type == "cuda")
         )
@@ -232,26 +242,32 @@ class _Fit:
         self.gen = torch.Generator().manual_seed(seed)
         self.augment = RandomAffine(cfg.augment, seed=seed + 1)
         self.tx = train_x.to(device)
-        self.ty = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
-        self.val_y = np.asarray(val_y, dtype=np.int64)
-        self.weight = class_weights(train_y, n_classes).to(device) if cfg.class_weights else None
+        self.ty = objective.target(train_y, device)
+        self.val_y = np.asarray(val_y)
+        wy = objective.class_weights_for(train_y)
+        use = cfg.class_weights and wy is not None
+        self.weight = class_weights(wy, n_classes).to(device) if use and wy is not None else None
         bf16 = torch.cuda.is_bf16_supported() if self.amp else True
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not bf16)
-        self.best = _Best(logits=np.zeros((len(self.val_y), n_classes), dtype=np.float32))
+        n_out = objective.n_outputs()
+        self.best = _Best(logits=np.zeros((len(self.val_y), n_out), dtype=np.float32))
         self.epoch = 0
 
     def validate(self) -> tuple[np.ndarray, float, float]:
         """(validation logits, loss, positive-vs-rest AUC) of the model as it is."""
+
+        def progress(done: int, total: int) -> None:
+            self.event("progress", message="validating", epoch=self.epoch, step=done,
+                       n_steps=total)  # fmt: skip
+
         logits = predict_logits(
             self.model, self.val_x, mean=self.mean, std=self.std, device=self.device,
             batch_size=self.cfg.batch_size * 2, channels_last=self.cfg.channels_last, amp=self.amp,
+            progress=progress,
         )  # fmt: skip
         if len(self.val_y) == 0:
             return logits, float("nan"), float("nan")
-        lt = torch.from_numpy(logits)
-        vloss = float(F.cross_entropy(lt, torch.from_numpy(self.val_y)))
-        probs = torch.softmax(lt, dim=1).numpy()
-        return logits, vloss, positive_auc(self.val_y, probs, self.positive_idx)
+        return logits, *self.objective.validate(logits, self.val_y)
 
     def train_epoch(self, opt: torch.optim.Optimizer, sched: Any, params: list[nn.Parameter],
                     stage: str, steps: int) -> float:  # fmt: skip
@@ -263,8 +279,7 @@ class _Fit:
                                 cfg.channels_last)  # fmt: skip
             with _autocast(dev, self.amp):
                 logits = self.model(xb)
-            loss = F.cross_entropy(logits.float(), self.ty[idx.to(dev)], weight=self.weight,
-                                   label_smoothing=cfg.label_smoothing)  # fmt: skip
+            loss = self.objective.loss(logits, self.ty[idx.to(dev)], self.weight)
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.grad_clip:
@@ -307,14 +322,18 @@ class _Fit:
             _freeze_bn_stats(model)
             self.event("epoch_start", stage=stage.name, epoch=self.epoch, n_steps=steps)
             train_loss = self.train_epoch(opt, sched, params, stage.name, steps)
+            t_val = time.perf_counter()
             logits_v, vloss, vauc = self.validate()
+            t_end = time.perf_counter()
             if plateau is not None:
                 plateau.step(vauc if math.isfinite(vauc) else -vloss)
             improved = self.best.offer(model, self.epoch, vauc, vloss, logits_v)
             stale = 0 if improved else stale + 1
             row = {"epoch": self.epoch, "stage": stage.name, "train_loss": train_loss,
                    "val_loss": vloss, "val_auc": vauc, "lr": opt.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - t0, "best": improved}  # fmt: skip
+                   "seconds": t_end - t0, "best": improved,
+                   "train_img_s": _rate(self.tx.shape[0], t_val - t0),
+                   "val_img_s": _rate(len(self.val_y), t_end - t_val)}  # fmt: skip
             history.append(row)
             self.event("epoch_end", stage=stage.name, epoch=self.epoch, metrics=dict(row))
             if stale >= cfg.patience:
@@ -339,12 +358,16 @@ def fit_member(
     progress: ProgressFn | None = None,
     member: int = 0,
     n_members: int = 1,
+    objective: ClassObjective | None = None,
 ) -> FitResult:
     """Train ``model`` through ``stages``; return the best state by validation AUC.
 
     ``train_x``/``val_x`` are uint16 (N, 1, S, S) CPU tensors, ``train_y``/``val_y`` int class
-    indices. Deterministic for a given ``seed`` on the same device and thread count.
+    indices (or what ``objective`` trains on: T-scores). Deterministic for a given ``seed`` on
+    the same device and thread count. The returned state and validation logits are those of
+    the class-logit network :meth:`ClassObjective.finish` makes of the best state.
     """
+    objective = objective or ClassObjective(n_classes, list(positive_idx), cfg.label_smoothing)
     seed = cfg.seed if seed is None else seed
     seed_everything(seed)
     emit = progress or (lambda _e: None)
@@ -354,7 +377,7 @@ def fit_member(
         emit(TrainEvent(kind, member=member, n_members=n_members, n_epochs=n_epochs, **kw))
 
     fit = _Fit(model, cfg, torch.device(device), seed, (train_x, train_y, val_x, val_y),
-               (mean, std), n_classes, positive_idx, event)  # fmt: skip
+               (mean, std), n_classes, objective, event)  # fmt: skip
     history: list[dict[str, Any]] = []
     event("member_start")
     for stage in stages:
@@ -368,4 +391,11 @@ def fit_member(
     emit(TrainEvent("member_end", member=member, n_members=n_members,
                     metrics={"best_epoch": best.epoch, "best_val_auc": best.auc}))  # fmt: skip
     assert best.logits is not None
-    return FitResult(best.state, history, best.epoch, best.auc, best.logits)
+    val_logits = objective.finish(model, arch_of(model), best.logits, fit.val_y)
+    state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    return FitResult(state, history, best.epoch, best.auc, val_logits)
+
+
+def arch_of(model: nn.Module) -> str:
+    """The registry name :func:`osteoscan.archs.create_model` stamped on ``model``."""
+    return str(getattr(model, "osteoscan_arch", ""))

@@ -23,9 +23,11 @@ from osteoscan.errors import UsageError
 from osteoscan.package import MemberSpec
 from osteoscan.train.calibrate import fit_temperature, softmax
 from osteoscan.train.loop import FitResult, Stage, TrainEvent, fit_member, predict_logits
+from osteoscan.train.objectives import make_objective
 from osteoscan.train.probe import fit_linear_probe
 from osteoscan.train.recipe import TrainConfig
 from osteoscan.train.splits import Split, kfold_split, train_val_test_split
+from osteoscan.train.tscore import tscore_from_probs
 
 # (training, validation, held-out) sample indices of one fold
 FoldParts = tuple[list[int], list[int], list[int]]
@@ -132,6 +134,8 @@ class Members:
     cal_sum: np.ndarray = field(init=False)
     cal_cnt: np.ndarray = field(init=False)
     fold_of: np.ndarray = field(init=False)
+    held_t: np.ndarray = field(init=False)  # summed predicted T-scores (T-score models)
+    targets: list[dict[str, Any]] = field(default_factory=list)  # objective records per member
 
     def __post_init__(self) -> None:
         self.held_sum, self.cal_sum = (
@@ -140,6 +144,21 @@ class Members:
         )
         self.held_cnt, self.cal_cnt = np.zeros(self.n), np.zeros(self.n)
         self.fold_of = np.full(self.n, -1)
+        self.held_t = np.zeros(self.n)
+
+    def target(self) -> dict[str, Any] | None:
+        """The manifest's ``target``: None for plain classes; T-score scales per member."""
+        if not self.targets:
+            return None
+        first = dict(self.targets[0])
+        if first.get("kind") == "tscore":
+            for key in ("scale", "val_mae", "val_rmse"):
+                first[key] = [t.get(key) for t in self.targets]
+        return first
+
+    def held_tscores(self, ev: np.ndarray) -> np.ndarray:
+        """Mean predicted T-score of held-out rows ``ev`` (T-score models)."""
+        return self.held_t[ev] / self.held_cnt[ev]
 
     def held_out(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows with held-out scores, their mean calibrated probabilities)."""
@@ -155,6 +174,7 @@ class Members:
 def _fit_one(cfg: TrainConfig, arch: str, model: nn.Module, X: torch.Tensor, y: np.ndarray,
              tr: list[int], va: list[int], common: dict[str, Any]) -> FitResult:  # fmt: skip
     if cfg.method == "probe":
+        common = {k: v for k, v in common.items() if k != "objective"}
         return fit_linear_probe(
             model, arch, X[tr], y[tr], X[va], y[va], c=cfg.probe_c,
             n_components=cfg.probe_components, channels_last=cfg.channels_last, **common,
@@ -164,14 +184,37 @@ def _fit_one(cfg: TrainConfig, arch: str, model: nn.Module, X: torch.Tensor, y: 
     )
 
 
+def _progress(
+    emit: Callable[[TrainEvent], None], what: str, member: int, n_members: int
+) -> Callable[[int, int], None]:
+    """``progress(done, total)`` for a long forward pass, as ``progress`` events."""
+
+    def report(done: int, total: int) -> None:
+        emit(TrainEvent("progress", message=what, member=member, n_members=n_members,
+                        step=done, n_steps=total))  # fmt: skip
+
+    return report
+
+
+def _speed(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Median training images/s per stage over a member's epochs (``img_s_<stage>``)."""
+    out: dict[str, list[float]] = {}
+    for row in history:
+        if row.get("train_img_s"):
+            out.setdefault(f"img_s_{row.get('stage', '')}", []).append(float(row["train_img_s"]))
+    return {k: float(np.median(v)) for k, v in out.items()}
+
+
 def fit_members(
     cfg: TrainConfig, X: torch.Tensor, y: np.ndarray, parts: list[FoldParts], n_classes: int,
     pos_idx: list[int], device: torch.device, emit: Callable[[TrainEvent], None],
+    tscores: np.ndarray | None = None,
 ) -> Members:  # fmt: skip
     """Train one member per (architecture, fold) and accumulate its calibrated scores.
 
     ``X`` holds the uint16 model inputs (N, 1, S, S), ``y`` class indices, ``parts`` the
-    (train, val, held-out) indices of each fold (:func:`fold_parts`).
+    (train, val, held-out) indices of each fold (:func:`fold_parts`); ``tscores`` the T-scores
+    a ``--target tscore`` member regresses on.
     """
     kfold = cfg.folds >= 2
     out = Members(n=len(y), n_classes=n_classes)
@@ -182,20 +225,34 @@ def fit_members(
         for k, (tr, va, held) in enumerate(parts):
             seed = cfg.seed + 1000 * a + k
             torch.manual_seed(seed)
-            model = create_model(arch, n_classes, pretrained=pretrained)
+            targets = tscores if cfg.target == "tscore" and tscores is not None else y
+            objective = make_objective(cfg.target, cfg.ordinal, n_classes, pos_idx,
+                                       cfg.label_smoothing, targets[tr])  # fmt: skip
+            model = create_model(arch, objective.n_outputs(), pretrained=pretrained)
             if pretrained is not False:
                 _fresh_head(model, arch)
+            objective.prepare(model, arch)
             common: dict[str, Any] = {
                 "n_classes": n_classes, "positive_idx": pos_idx, "mean": spec.mean,
                 "std": spec.std, "device": device, "seed": seed, "progress": emit,
-                "member": len(out.models), "n_members": n_members,
+                "member": len(out.models), "n_members": n_members, "objective": objective,
             }  # fmt: skip
-            res = _fit_one(cfg, arch, model, X, y, tr, va, common)
-            temp = fit_temperature(res.val_logits, y[va])
+            res = _fit_one(cfg, arch, model, X, targets, tr, va, common)
+            fit_t = objective.calibrate_temperature
+            temp = fit_temperature(res.val_logits, y[va]) if fit_t else 1.0
             logits_h = predict_logits(model, X[held], mean=spec.mean, std=spec.std, device=device,
-                                      channels_last=cfg.channels_last)  # fmt: skip
+                                      channels_last=cfg.channels_last, progress=_progress(
+                                          emit, "scoring held-out images", len(out.models),
+                                          n_members))  # fmt: skip
             out.held_sum[held] += softmax(logits_h, temp)
             out.held_cnt[held] += 1
+            record = objective.record()
+            if record is not None:
+                out.targets.append(record)
+            if record is not None and record.get("kind") == "tscore":
+                out.held_t[held] += tscore_from_probs(
+                    softmax(logits_h, temp)[:, None, :], [float(record["scale"]) * temp]
+                )
             out.cal_sum[va] += softmax(res.val_logits, temp)
             out.cal_cnt[va] += 1
             if kfold:
@@ -204,7 +261,7 @@ def fit_members(
                 arch, input_size=X.shape[-1], temperature=float(temp), fold=k if kfold else None,
                 pretrained=str(getattr(model, "pretrained_source", "")),
                 metrics={"val_auc": res.best_val_auc, "best_epoch": res.best_epoch,
-                         "n_train": len(tr), "n_val": len(va)},
+                         "n_train": len(tr), "n_val": len(va), **_speed(res.history)},
             ))  # fmt: skip
             out.history += [{"member": f"m{len(out.models)}", **row} for row in res.history]
             out.models.append(model.to("cpu").eval())

@@ -13,6 +13,7 @@ Folding: with standardisation ``z = (f - mu) / sigma``, PCA ``p = (z - m) @ V.T`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,8 +43,11 @@ def extract_features(
     device: torch.device,
     batch_size: int = 32,
     channels_last: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Pooled features (N, F): the input of the model's final linear layer, in eval mode."""
+    """Pooled features (N, F): the input of the model's final linear layer, in eval mode;
+    ``progress(done, total)`` after each batch (a CPU feature pass over thousands of images
+    takes minutes)."""
     _, layer = final_linear(model, arch)
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, inp, _o: captured.append(inp[0].float().cpu()))
@@ -52,6 +56,8 @@ def extract_features(
         for i in range(0, x.shape[0], batch_size):
             xb = x[i : i + batch_size].to(device)
             model(to_model_input(xb, mean, std, channels_last=channels_last))
+            if progress is not None:
+                progress(min(i + batch_size, x.shape[0]), x.shape[0])
     finally:
         handle.remove()
     if not captured:
@@ -142,26 +148,38 @@ def fit_linear_probe(
     kw: dict[str, Any] = {
         "mean": mean, "std": std, "device": device, "channels_last": channels_last
     }  # fmt: skip
-    f_tr = extract_features(model, arch, train_x, **kw)
+
+    def report(what: str) -> Callable[[int, int], None]:
+        def fn(done: int, total: int) -> None:
+            if progress is not None:
+                progress(TrainEvent("progress", message=what, member=member,
+                                    n_members=n_members, step=done, n_steps=total))  # fmt: skip
+
+        return fn
+
+    t0 = time.perf_counter()
+    f_tr = extract_features(model, arch, train_x, **kw, progress=report("probe features"))
     y_tr = np.asarray(train_y)
     if flip:
-        flipped = extract_features(model, arch, torch.flip(train_x, dims=[-1]), **kw)
+        flipped = extract_features(model, arch, torch.flip(train_x, dims=[-1]), **kw,
+                                   progress=report("probe features (mirrored)"))  # fmt: skip
         f_tr, y_tr = np.vstack([f_tr, flipped]), np.concatenate([y_tr, y_tr])
+    rate = len(f_tr) / max(time.perf_counter() - t0, 1e-9)
     scaler, pca, clf = _fit_head(f_tr, y_tr, n_components, c, seed)
     _, layer = final_linear(model, arch)
     _fold_into_linear(layer, scaler, pca, clf, n_classes)
     # The folded network must reproduce sklearn exactly (up to float32): check, never assume.
-    val_logits = _checked_logits(
-        layer, extract_features(model, arch, val_x, **kw), scaler, pca, clf
-    )
+    f_val = extract_features(model, arch, val_x, **kw, progress=report("probe features (val)"))
+    val_logits = _checked_logits(layer, f_val, scaler, pca, clf)
     probs = torch.softmax(torch.as_tensor(val_logits), 1).numpy()
     auc = positive_auc(np.asarray(val_y), probs, positive_idx) if len(val_logits) else float("nan")
-    history = [{"epoch": 1, "member": member, "val_auc": auc, "stage": "probe"}]
+    history = [{"epoch": 1, "member": member, "val_auc": auc, "stage": "probe",
+                "train_img_s": rate}]  # fmt: skip
     k = pca.n_components_ if pca is not None else 0
     if progress is not None:
         progress(TrainEvent(
             kind="epoch_end", member=member, n_members=n_members, stage="probe", epoch=1,
-            n_epochs=1, metrics={"val_auc": auc},
+            n_epochs=1, metrics={"val_auc": auc, "train_img_s": rate},
             message=f"linear probe on {f_tr.shape[1]} features, PCA {k}, C={c}",
         ))  # fmt: skip
     state = {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()}

@@ -32,6 +32,7 @@ from osteoscan.errors import UsageError
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "plateau", "none")
 ROIS: tuple[str, ...] = ("none", "knee_joint", "knee_pair")  # PreprocessConfig.roi values
+TARGETS: tuple[str, ...] = ("class", "tscore")
 
 
 @dataclass
@@ -62,7 +63,14 @@ class TrainConfig:
     name: str = "knee-model"
     version: str = "1.0.0"
     body_parts: tuple[str, ...] = ("knee",)
-    positive: tuple[str, ...] = ("osteoporosis",)
+    # Screening-positive classes; empty: "osteoporosis" when the classes are the osteoporosis
+    # set, else required (osteoscan.train.data.resolve_positive).
+    positive: tuple[str, ...] = ()
+    classes: tuple[str, ...] | None = None  # fixed class order (--classes); None: from the data
+    # "class": labels are classes; "tscore": a path,tscore CSV, a regression head whose predicted
+    # T-score gives the WHO category probabilities (osteoscan.train.objectives).
+    target: str = "class"
+    ordinal: bool = False  # ordered classes: ordinal (adjacent-category logit) head
     target_sensitivity: float = 0.90
     covariates_csv: Path | None = None
     # Column names in the covariates CSV: (path/stem column, age column, sex column).
@@ -144,8 +152,14 @@ class TrainConfig:
             raise UsageError("at least one --arch is needed")
         if self.size is not None and self.size < 16:
             raise UsageError("--size must be >= 16 pixels")
-        if not self.positive:
-            raise UsageError("--positive needs at least one class")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not {self.target!r}")
+        if self.target == "tscore" and (self.ordinal or self.classes):
+            raise UsageError("--target tscore has the three WHO classes: no --ordinal/--classes")
+        if self.method == "probe" and (self.ordinal or self.target != "class"):
+            raise UsageError("--method probe fits class labels only: use --method finetune")
+        if self.classes is not None and len(set(self.classes)) < 2:
+            raise UsageError("--classes needs at least two distinct names")
         roi = self.preprocess.get("roi", "none")
         if roi not in ROIS:
             raise UsageError(f"--roi must be one of {', '.join(ROIS)}, not {roi!r}")
@@ -263,7 +277,7 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
             values[key] = {**values["preprocess"], **value}
         else:
             values[key] = value
-    for key in ("archs", "positive", "body_parts", "covariate_columns"):
+    for key in ("archs", "positive", "body_parts", "covariate_columns", "classes"):
         if key in values and isinstance(values[key], (list, str)):
             values[key] = (values[key],) if isinstance(values[key], str) else tuple(values[key])
     if isinstance(values.get("augment"), dict):

@@ -39,13 +39,14 @@ from osteoscan.archs import get_arch
 from osteoscan.card import detect_source, write_card
 from osteoscan.covariates import Covariates, CovariateSummary, CovariateTally
 from osteoscan.errors import OutputError, UsageError
+from osteoscan.metrics import tscore_metrics
 from osteoscan.package import Manifest, save_package
 from osteoscan.preprocess import PreprocessConfig
 from osteoscan.report import render_report
 from osteoscan.rows import utc_now
 from osteoscan.runtime import select_device
 from osteoscan.train.cache import ImageCache
-from osteoscan.train.data import load_labelled
+from osteoscan.train.data import load_labelled, resolve_positive
 from osteoscan.train.dedup import DedupResult, find_duplicates
 from osteoscan.train.fingerprints import fingerprint_record
 from osteoscan.train.heldout import evaluate_heldout
@@ -93,6 +94,7 @@ class _Data:
     cov_summary: CovariateSummary
     X: torch.Tensor
     y: np.ndarray
+    tscores: np.ndarray | None = None  # per sample, for --target tscore
 
     @property
     def labels(self) -> list[str]:
@@ -111,12 +113,15 @@ def _labelled(cfg: TrainConfig, emit: ProgressFn) -> tuple[Path, Any, list[str]]
     for arch in cfg.archs:
         get_arch(arch)  # unknown names fail before any image is read
     emit(TrainEvent("phase", message=f"loading labelled data from {data}"))
-    files, classes = load_labelled(data)
+    files, classes = load_labelled(data, cfg.classes, target=cfg.target)
     if len(classes) < 2:
         raise UsageError(f"need at least two classes, found {classes}")
-    bad = [c for c in cfg.positive if c not in classes]
-    if bad:
-        raise UsageError(f"--positive {','.join(bad)} not among the classes {classes}")
+    # Settled here, once the classes are known; the manifest stores the resolved names.
+    cfg.positive = resolve_positive(classes, cfg.positive)
+    counts = {c: sum(1 for f in files if f.label == c) for c in classes}
+    emit(TrainEvent("phase", message="classes: " + ", ".join(f"{c} ({n})" for c, n in
+                                                               counts.items())
+                    + f"; screening-positive: {', '.join(cfg.positive)}"))  # fmt: skip
     return data, files, classes
 
 
@@ -162,7 +167,10 @@ def _load_data(cfg: TrainConfig, emit: ProgressFn) -> _Data:
     covs, cov_summary = _covariates(cfg, ts, root, emit)
     X = torch.from_numpy(np.stack([it.image for it in ts.items if it.image is not None]))[:, None]
     y = np.array([classes.index(s.label) for s in ts.samples], dtype=np.int64)
-    return _Data(data, root, classes, pcfg, ts, dedup, covs, cov_summary, X, y)
+    t = None
+    if cfg.target == "tscore":
+        t = np.array([s.value for s in ts.samples], dtype=np.float64)
+    return _Data(data, root, classes, pcfg, ts, dedup, covs, cov_summary, X, y, t)
 
 
 def _training_data(d: _Data, split: Split) -> dict[str, Any]:
@@ -200,6 +208,18 @@ def _fingerprints(d: _Data, parts: list[FoldParts]) -> dict[str, Any]:
     return fingerprint_record(
         (it.sha256 for it in items), (it.fingerprint.pixel_hash for it in items if it.fingerprint)
     )
+
+
+def _throughput(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Training speed per stage over all members: median images/s (``<stage>_img_s``) and the
+    median validation forward rate (``val_img_s``)."""
+    rates: dict[str, list[float]] = {}
+    for row in history:
+        if row.get("train_img_s"):
+            rates.setdefault(f"{row.get('stage')}_img_s", []).append(float(row["train_img_s"]))
+        if row.get("val_img_s"):
+            rates.setdefault("val_img_s", []).append(float(row["val_img_s"]))
+    return {k: float(np.median(v)) for k, v in rates.items()}
 
 
 def _evaluation_text(cfg: TrainConfig) -> str:
@@ -257,11 +277,20 @@ def train_models(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainR
     parts = fold_parts(cfg, split, d.labels, d.dedup.group_of)
     t_fit = time.perf_counter()
     pos_idx = [d.classes.index(c) for c in cfg.positive]
-    members = fit_members(cfg, d.X, d.y, parts, len(d.classes), pos_idx, device, emit)
+    members = fit_members(
+        cfg, d.X, d.y, parts, len(d.classes), pos_idx, device, emit, tscores=d.tscores
+    )
     timings["fit_s"] = time.perf_counter() - t_fit
+    timings["read_img_s"] = len(d.ts.files) / max(timings["read_s"], 1e-9)
 
     emit(TrainEvent("phase", message="calibrating, fitting covariate fusion, evaluating"))
     ev, ev_probs, fusion, threshold, img_threshold, metrics, eval_probs = _evaluate(cfg, d, members)
+    if d.tscores is not None:
+        # The predicted T-score is image-only (fusion changes the categories, not the T-score).
+        metrics["image_only"]["tscore"] = tscore_metrics(
+            d.tscores[ev], members.held_tscores(ev), n_boot=cfg.n_boot, seed=cfg.seed
+        )
+    timings.update(_throughput(members.history))
     timings["total_s"] = time.perf_counter() - t_start
     manifest = Manifest(
         name=cfg.name, version=cfg.version, classes=d.classes,
@@ -274,7 +303,7 @@ def train_models(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainR
         created_at=utc_now(),
         osteoscan_version=__version__,
         extra={"train_config": cfg.to_dict(), "timings": timings},
-        training_fingerprints=_fingerprints(d, parts),
+        training_fingerprints=_fingerprints(d, parts), target=members.target(),
     )  # fmt: skip
     final = eval_probs.get("combined", ev_probs)
     report = render_report(d.y[ev], final, d.classes, list(cfg.positive), members.history)

@@ -1,0 +1,99 @@
+"""Ordered grades: the adjacent-category ordinal head, QWK and MAE in evaluate and the card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import cohen_kappa_score
+
+from osteoscan.archs import create_model, final_linear
+from osteoscan.metrics import classification_metrics
+from osteoscan.testing.synthetic import synthetic_knee, write_png
+from osteoscan.train.objectives import OrdinalObjective
+
+DENSITY = {"0": 1.1, "1": 0.9, "2": 0.7, "3": 0.5, "4": 0.3}
+
+
+def test_ordinal_head_is_rank_one_while_training_and_plain_after() -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", 5)
+    obj = OrdinalObjective(5, [2, 3, 4])
+    obj.prepare(model, "tiny_cnn")
+    _, layer = final_linear(model, "tiny_cnn")
+    w = layer.weight.detach()
+    assert torch.allclose(w, torch.arange(5.0)[:, None] * w[1:2])  # W[k] = k w
+    x = torch.randn(4, 3, 32, 32)
+    before = model.eval()(x).detach()
+    obj.finish(model, "tiny_cnn", np.zeros((0, 5), np.float32), np.zeros(0))
+    assert "classifier.1.weight" in model.state_dict()  # an ordinary nn.Linear again
+    assert torch.allclose(model(x).detach(), before, atol=1e-6)
+    # Adjacent log-odds differ between images by the same amount at every grade step.
+    d = (before[:, 1:] - before[:, :-1]).numpy()
+    assert np.allclose(d - d[:, :1], (d - d[:, :1])[0:1], atol=1e-5)
+
+
+def test_qwk_and_mae_match_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    pred = np.clip(y + rng.integers(-1, 2, 300), 0, 4)
+    probs = np.full((300, 5), 0.01)
+    probs[np.arange(300), pred] = 0.96
+    m = classification_metrics(y, probs, list("01234"), ["2", "3", "4"], 0.5, n_boot=200,
+                               ordinal=True)  # fmt: skip
+    assert m["qwk"]["value"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert m["mae"]["value"] == pytest.approx(np.abs(y - pred).mean())
+    lo, hi = m["qwk"]["ci95"]
+    assert lo < m["qwk"]["value"] < hi
+    assert "qwk" not in classification_metrics(y, probs, list("01234"), ["4"], 0.5, n_boot=0)
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from osteoscan.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.err + out.out
+
+
+def test_train_ordinal_grades_and_evaluate_reports_qwk_mae(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = ["path,label,group"]
+    for g, density in DENSITY.items():
+        for i in range(8):
+            name = f"img/{g}_{i}.png"
+            write_png(tmp_path / name, synthetic_knee(48, seed=30 * int(g) + i, density=density))
+            rows.append(f"{name},{g},p{g}{i}")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "ordinal"
+    code, text = _main([
+        "train", "--data", str(csv), "--out", str(out), "--arch", "tiny_cnn", "--random-init",
+        "--preset", "quick", "--size", "32", "--epochs", "3", "--batch-size", "8", "--quiet",
+        "--classes", "0,1,2,3,4", "--positive", "2,3,4", "--ordinal",
+    ], capsys)  # fmt: skip
+    assert code == 0, text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"] == {"kind": "ordinal"}
+    held = manifest["metrics"]["image_only"]
+    assert {"qwk", "mae"} <= set(held) and held["mae"]["value"] is not None
+    card = (out / "card.md").read_text()
+    assert "quadratic weighted kappa" in card and "Training speed" in card
+    assert "img/s" in text  # per-epoch throughput in the log
+
+    report = tmp_path / "r.json"
+    code, text = _main(["evaluate", "--data", str(csv), "--model", str(out), "--out",
+                        str(report), "--quiet", "--bootstrap", "50"], capsys)  # fmt: skip
+    assert code == 0, text
+    r = json.loads(report.read_text())
+    for key in ("accuracy", "roc_auc", "n", "qwk", "mae"):
+        assert set(r[key]) >= {"value", "ci95"} if key != "n" else isinstance(r[key], int)
+    assert -1.0 <= r["qwk"]["value"] <= 1.0 and 0.0 <= r["mae"]["value"] <= 4.0
