@@ -264,3 +264,28 @@ def test_corpus_through_the_guarded_reader_of_the_scan(corpus: list[Path]) -> No
                 assert fr.image is not None and np.isfinite(fr.image).all(), path.name
             else:
                 assert fr.image is None and fr.reason, path.name
+
+
+def test_header_values_that_swallowed_later_elements_never_reach_a_record(tmp_path: Path) -> None:
+    """A corrupt length makes a text element (SOPInstanceUID, StudyDescription, BodyPartExamined)
+    swallow the elements after it, patient name and ID included: the reader drops such values
+    instead of copying them into image_id, reasons or header facts (issue 17)."""
+    img = synthetic_knee(48, seed=4)
+    base = write_dicom(tmp_path / "b.dcm", img, study_description="KNEE AP",
+                       patient_name="ZQNAME^SECRET", patient_id="ZQID1234")  # fmt: skip
+    data = base.read_bytes()
+    pid = data.find(b"ZQID1234")
+    found = 0
+    for tag in (b"\x08\x00\x18\x00", b"\x08\x00\x30\x10", b"\x18\x00\x15\x00"):
+        i = data.find(tag)
+        if i < 0 or i > pid:
+            continue
+        for extra in (0, 2, 10, 40):
+            length = pid + 8 - (i + 8) + extra
+            path = tmp_path / f"s{i}_{extra}.dcm"
+            path.write_bytes(data[: i + 6] + struct.pack("<H", length) + data[i + 8 :])
+            for fr in readers.read_frames(path):
+                found += 1
+                text = repr((fr.image_id, fr.reason, fr.body_part_reason, fr.info, fr.sex))
+                assert "ZQID" not in text and "ZQNAME" not in text and "SECRET" not in text
+    assert found >= 8
