@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from osteoscan.inert import csv_cell
+from osteoscan.inert import csv_cell, uncell
 
 if TYPE_CHECKING:
     from osteoscan.geometry import InputGeometry
@@ -157,6 +157,13 @@ class ResultRow:
             covariates=str(data.get("covariates") or ""),
             phi={k: str(data[k]) for k in PHI_COLUMNS if k in data},
         )  # fmt: skip
+
+    @classmethod
+    def from_csv_cells(cls, cells: Mapping[str, str]) -> ResultRow:
+        """A row read back from a results CSV: :meth:`from_dict` after undoing the formula
+        prefix (:func:`osteoscan.inert.uncell`). Escaped control characters and cut cells stay
+        as written; the state and the HDF5 hold the raw values."""
+        return cls.from_dict({k: uncell(v) if isinstance(v, str) else v for k, v in cells.items()})
 
     def csv_cells(self, columns: Sequence[str]) -> list[str]:
         """This row's cells for ``columns`` (missing columns empty)."""

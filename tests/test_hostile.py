@@ -202,6 +202,9 @@ def test_a_formula_at_the_start_of_a_cell_is_neutralised(tmp_path: Path) -> None
     assert cells["covariates"] == "'=age"
     assert cells["p_normal"] == "-0.500000" and cells["score"] == "-0.250000"  # numbers stay
     assert cells["frame"] == "0"
+    back = ResultRow.from_csv_cells(cells)
+    assert (back.path, back.image_id, back.reason, back.probs) == ("=1+1.jpg", "@x", "-2+3",
+                                                                  {"normal": -0.5})  # fmt: skip
 
 
 def test_invalid_uids_give_the_content_hash_and_say_so(scanned: dict) -> None:
