@@ -17,6 +17,10 @@ may not include the knee joint, so only a description can make it a knee.
 Age comes from ``PatientAge`` (``065Y``, ``780M``, ``012W``, ``030D``) or else from
 ``PatientBirthDate`` and ``StudyDate`` (the birth date itself is never stored or printed). Sex
 comes from ``PatientSex`` (``F``/``M``; ``O`` and anything else → ``None``).
+
+Every value is read through :func:`header_text`: checked against its VR's length and character
+repertoire (:func:`osteoscan.inert.dicom_value`) and dropped or cut when it fails, so a value
+quoted in a reason is never a corrupt element's raw bytes (which may hold the patient's name).
 """
 
 from __future__ import annotations
