@@ -209,7 +209,7 @@ def _raw_uid(path: Path) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom rightly complains about these UIDs
             ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-        return str(ds.get("SOPInstanceUID", ""))
+            return str(ds.get("SOPInstanceUID", ""))
     except Exception:  # noqa: BLE001 - an unreadable mutant has no UID
         return ""
 
