@@ -217,7 +217,7 @@ class Hdf5ResultsWriter:
         try:
             for name in h5:
                 h5[name].resize(stop, axis=0)
-            h5["path"][start:stop] = [r.path for r in rows]
+            h5["path"][start:stop] = [_utf8(r.path) for r in rows]
             h5["image_id"][start:stop] = [r.image_id for r in rows]
             h5["model"][start:stop] = [r.model for r in rows]
             h5["frame"][start:stop] = [r.frame for r in rows]
@@ -281,6 +281,11 @@ class Hdf5ResultsWriter:
             self._h5.close()
         if self._file is not None:
             self._file.abort()
+
+
+def _utf8(text: str) -> str:
+    """HDF5 strings are UTF-8: bytes of a non-UTF-8 file name are kept as ``\\xNN`` escapes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def read_hdf5(path: str | Path) -> dict[str, Any]:

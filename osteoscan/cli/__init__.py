@@ -14,6 +14,7 @@ import typer
 from osteoscan import __version__
 from osteoscan.cli import bench, evaluate, inspect, models, report, scan, train
 from osteoscan.errors import OsteoscanError
+from osteoscan.inert import log_safe
 
 app = typer.Typer(
     name="osteoscan",
@@ -56,5 +57,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="osteoscan", standalone_mode=True)
     except OsteoscanError as exc:
-        typer.echo(f"osteoscan: error: {exc}", err=True)
+        typer.echo(f"osteoscan: error: {log_safe(str(exc))}", err=True)  # names stay text
         sys.exit(exc.exit_code)

@@ -201,12 +201,7 @@ def read_raster(
         return _error(shown, kind, truncated, info)
     try:
         with decoder_messages() as printed:
-            if pages > 1:
-                ok, decoded = cv2.imreadmulti(str(p), flags=cv2.IMREAD_UNCHANGED)
-                decoded = list(decoded) if ok else []
-            else:
-                one = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-                decoded = [] if one is None else [one]
+            decoded = _decode(p, pages)
     except Exception as exc:  # noqa: BLE001 - OpenCV raises cv2.error on some corrupt files
         return _error(shown, kind, f"cannot decode {fmt} file: {str(exc)[:160]}", info)
     if printed.summary():
@@ -226,6 +221,28 @@ def read_raster(
         op = _ORIENT_OPS.get(orientation)
         images.append(np.ascontiguousarray(op(img) if op else img, dtype=np.float32))
     return _frames(shown, kind, image_id, images, info, colour)
+
+
+def _decode(p: Path, pages: int) -> list[np.ndarray]:
+    """All pages of an image file. OpenCV takes its path as UTF-8 text: a name that is not valid
+    UTF-8 (bytes a POSIX file system allows) is decoded from memory instead."""
+    try:
+        name: str | None = str(p)
+        name.encode("utf-8")  # type: ignore[union-attr]
+    except UnicodeEncodeError:
+        name = None
+    if name is None:
+        buf = np.fromfile(p, np.uint8)
+        if pages > 1:
+            ok, many = cv2.imdecodemulti(buf, cv2.IMREAD_UNCHANGED)
+            return list(many) if ok else []
+        one = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        return [] if one is None else [one]
+    if pages > 1:
+        ok, many = cv2.imreadmulti(name, flags=cv2.IMREAD_UNCHANGED)
+        return list(many) if ok else []
+    one = cv2.imread(name, cv2.IMREAD_UNCHANGED)
+    return [] if one is None else [one]
 
 
 def _frames(

@@ -140,7 +140,8 @@ class _Nights:
 
 
 def read_rows(results: Path) -> Iterator[ResultRow]:
-    """Rows of a results CSV, through :meth:`ResultRow.from_dict` (any osteoscan version)."""
+    """Rows of a results CSV, through :meth:`ResultRow.from_csv_cells` (any osteoscan version;
+    the formula guard's leading ``'`` is undone: the page shows ``=1+1.jpg`` as text)."""
     old = csv.field_size_limit()
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
@@ -149,7 +150,7 @@ def read_rows(results: Path) -> Iterator[ResultRow]:
             if not reader.fieldnames or "path" not in reader.fieldnames:
                 raise UsageError(f"{results} is not an osteoscan results CSV (no path column)")
             for line in reader:
-                yield ResultRow.from_dict({k: v for k, v in line.items() if k is not None})
+                yield ResultRow.from_csv_cells({k: v for k, v in line.items() if k is not None})
     except OSError as exc:
         raise UsageError(f"cannot read {results}: {exc.strerror or exc}") from exc
     finally:

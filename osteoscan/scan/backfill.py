@@ -18,7 +18,7 @@ from pathlib import Path
 from osteoscan.rows import ScoredRow
 from osteoscan.scan.blobs import encode_array
 from osteoscan.scan.config import ScanConfig
-from osteoscan.scan.state import ScanState
+from osteoscan.scan.state import ScanState, db_path, py_path
 from osteoscan.writers import heatmap_name
 
 META_KEY = "heatmap_options"
@@ -39,7 +39,8 @@ def paths_missing_heatmaps(
     conn, out = state.connection, set[str]()
     sql = ("SELECT path, image_id, flagged, heatmap IS NULL, row_json FROM rows "
            "WHERE status='ok' AND run_key=?")  # fmt: skip
-    for path, image_id, flagged, no_blob, text in conn.execute(sql, (key,)):
+    for stored, image_id, flagged, no_blob, text in conn.execute(sql, (key,)):
+        path = py_path(stored)
         if blob and no_blob:
             out.add(path)
         elif png_dir and (png_all or flagged):
@@ -58,7 +59,7 @@ def attach_heatmaps(state: ScanState, items: Sequence[ScoredRow]) -> int:
         for item in items:
             got = conn.execute(
                 "SELECT row_json FROM rows WHERE path=? AND frame=? AND status='ok'",
-                (item.row.path, item.row.frame),
+                (db_path(item.row.path), item.row.frame),
             ).fetchone()
             if got is None:
                 continue
@@ -68,7 +69,7 @@ def attach_heatmaps(state: ScanState, items: Sequence[ScoredRow]) -> int:
             conn.execute(
                 "UPDATE rows SET row_json=?, heatmap=COALESCE(?, heatmap), "
                 "heatmap_shape=COALESCE(?, heatmap_shape) WHERE path=? AND frame=?",
-                (json.dumps(stored), hm, hm_shape, item.row.path, item.row.frame),
+                (json.dumps(stored), hm, hm_shape, db_path(item.row.path), item.row.frame),
             )
             n += 1
         conn.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='generation'")

@@ -57,6 +57,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from osteoscan.atomic import refuse_symlink
 from osteoscan.errors import OutputError
 from osteoscan.geometry import InputGeometry
 from osteoscan.rows import ResultRow, ScoredRow, utc_now
@@ -99,6 +100,25 @@ UPDATE rows SET seq = (SELECT n FROM seq_order WHERE r = rows.rowid);
 INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', (SELECT COUNT(*) + 1 FROM rows));
 DROP TABLE seq_order;
 """
+
+
+def db_path(path: str) -> str | bytes:
+    """A path as stored in the database: the text itself, or, for a name that is not valid
+    UTF-8 (bytes a POSIX file system allows), its raw bytes as a BLOB (never equal to any text)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
+def py_path(value: str | bytes) -> str:
+    """The path of a stored value (the inverse of :func:`db_path`)."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _suspect_key(path: str) -> str:
+    return "suspect:" + os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def default_state_path(out: str | Path) -> Path:
@@ -149,6 +169,8 @@ class ScanState:
     def open(cls, path: str | Path) -> ScanState:
         """Open (creating when needed) the state database at ``path``."""
         path = Path(path)
+        for suffix in ("", "-wal", "-shm", "-journal"):  # SQLite would write through a link
+            refuse_symlink(f"{path}{suffix}", "scan state file")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
@@ -257,7 +279,7 @@ class ScanState:
 
         The count resets when the file is recorded (read to the end) by a later run.
         """
-        key = f"suspect:{path}"
+        key = _suspect_key(path)
         hits = int(self._meta(key, "0") or 0) + 1
         self._conn.execute(
             "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(hits))
@@ -276,7 +298,7 @@ class ScanState:
             return str(getattr(item, "path", item))
 
         known = {
-            p: (s, m, k, n)
+            py_path(p): (s, m, k, n)
             for p, s, m, k, n in self._conn.execute(
                 "SELECT path, size, mtime_ns, run_key, n_frames FROM files"
             )
@@ -353,8 +375,8 @@ class ScanState:
             conn.execute(
                 "INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    path, frame, row.image_id, run_key, row.status, int(flagged), row.score,
-                    json.dumps(row.as_dict(), default=json_default), mp, mp_shape, hm,
+                    db_path(path), frame, row.image_id, run_key, row.status, int(flagged),
+                    row.score, json.dumps(row.as_dict(), default=json_default), mp, mp_shape, hm,
                     hm_shape, row.scanned_at, gen,
                     json.dumps(res.geometry.to_dict()) if res.geometry else None, seq,
                 ),
@@ -370,11 +392,11 @@ class ScanState:
         now = utc_now()
         for path, n_frames in done:
             sig = self._planned.get(path) or FileSig.of(path) or FileSig(-1, -1)
-            conn.execute("DELETE FROM rows WHERE path=? AND frame>=?", (path, n_frames))
-            conn.execute("DELETE FROM meta WHERE key=?", (f"suspect:{path}",))
+            conn.execute("DELETE FROM rows WHERE path=? AND frame>=?", (db_path(path), n_frames))
+            conn.execute("DELETE FROM meta WHERE key=?", (_suspect_key(path),))
             conn.execute(
                 "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
-                (path, sig.size, sig.mtime_ns, run_key, n_frames, now),
+                (db_path(path), sig.size, sig.mtime_ns, run_key, n_frames, now),
             )
             seen_now.pop(path, None)
         for key, value in (
@@ -434,7 +456,7 @@ class ScanState:
     def signatures(self) -> dict[str, tuple[int, int]]:
         """(size, mtime_ns) of every file completed so far, by path (the walk's memory)."""
         sql = "SELECT path, size, mtime_ns FROM files"
-        return {p: (size, mtime) for p, size, mtime in self._conn.execute(sql)}
+        return {py_path(p): (size, mtime) for p, size, mtime in self._conn.execute(sql)}
 
     def totals(self) -> dict[str, int]:
         """What the results hold now (all runs): rows, ``ok``/``skipped``/``error``, ``flagged``."""

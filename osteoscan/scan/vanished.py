@@ -16,7 +16,7 @@ from pathlib import Path
 
 from osteoscan.errors import UsageError
 from osteoscan.rows import utc_now
-from osteoscan.scan.state import ScanState
+from osteoscan.scan.state import ScanState, db_path, py_path
 
 MISSING = "missing"
 
@@ -57,12 +57,12 @@ def mark_vanished(
     """
     conn, root_list = state.connection, [str(r) for r in roots]
     gone = [
-        (p, conn.execute("SELECT done_at FROM files WHERE path=?", (p,)).fetchone()[0])
+        (p, conn.execute("SELECT done_at FROM files WHERE path=?", (db_path(p),)).fetchone()[0])
         for p in known
         if p not in found and _under(p, root_list) and not os.path.lexists(p)
     ]
-    marked = [p for (p,) in conn.execute("SELECT DISTINCT path FROM rows WHERE status=?",
-                                          (MISSING,))] if prune else []  # fmt: skip
+    sql = "SELECT DISTINCT path FROM rows WHERE status=?"
+    marked = [py_path(p) for (p,) in conn.execute(sql, (MISSING,))] if prune else []
     marked = [p for p in marked if _under(p, root_list)]
     if not gone and not marked:
         return 0
@@ -70,22 +70,23 @@ def mark_vanished(
     conn.execute("BEGIN IMMEDIATE")
     try:
         for path, done_at in gone:
-            conn.execute("DELETE FROM files WHERE path=?", (path,))  # back again: scan anew
+            key = db_path(path)
+            conn.execute("DELETE FROM files WHERE path=?", (key,))  # back again: scan anew
             if prune:
-                conn.execute("DELETE FROM rows WHERE path=?", (path,))
+                conn.execute("DELETE FROM rows WHERE path=?", (key,))
                 continue
             reason = f"file not found on {now}; last scanned {done_at}"
             for frame, text in conn.execute(
-                "SELECT frame, row_json FROM rows WHERE path=?", (path,)
+                "SELECT frame, row_json FROM rows WHERE path=?", (key,)
             ).fetchall():
                 row = json.loads(text)
                 row["status"], row["reason"] = MISSING, reason
                 conn.execute(
                     "UPDATE rows SET status=?, row_json=? WHERE path=? AND frame=?",
-                    (MISSING, json.dumps(row), path, frame),
+                    (MISSING, json.dumps(row), key, frame),
                 )
         for path in marked:
-            conn.execute("DELETE FROM rows WHERE path=?", (path,))
+            conn.execute("DELETE FROM rows WHERE path=?", (db_path(path),))
         conn.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='generation'")
         conn.execute("COMMIT")
     except BaseException:
