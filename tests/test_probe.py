@@ -59,3 +59,21 @@ def test_probe_binary_labels_give_full_width_logits() -> None:
     probs = torch.softmax(torch.as_tensor(res.val_logits), 1).numpy()
     assert probs.shape == (24, 2)
     assert ((probs[:, 1] > 0.5) == (y == 1)).mean() > 0.8
+
+
+def test_probe_feature_pass_reports_progress_and_speed() -> None:
+    """The feature pass (minutes on thousands of CPU images) reports every batch."""
+    torch.manual_seed(0)
+    spec = get_arch("tiny_cnn")
+    model = create_model("tiny_cnn", 3)
+    x_tr, y_tr = _texture_set(20, size=32)
+    x_va, y_va = _texture_set(8, size=32)
+    events = []
+    res = fit_linear_probe(
+        model, "tiny_cnn", x_tr, y_tr, x_va, y_va, n_classes=3, positive_idx=[2], c=1.0,
+        mean=spec.mean, std=spec.std, device=torch.device("cpu"), progress=events.append,
+    )  # fmt: skip
+    steps = [(e.message, e.step, e.n_steps) for e in events if e.kind == "progress"]
+    assert ("probe features", 20, 20) in steps and ("probe features (val)", 8, 8) in steps
+    assert ("probe features (mirrored)", 20, 20) in steps
+    assert res.history[0]["train_img_s"] > 0

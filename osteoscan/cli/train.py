@@ -126,6 +126,15 @@ def _summary(console: Console, path: Path) -> None:
         cells += [mm["sensitivity"].get("value"), mm["specificity"].get("value")]
         t.add_row(title, fmt(cells[0]), ci, *(fmt(c) for c in cells[1:]))
     console.print(t)
+    img = m.metrics.get("image_only") or {}
+    extra = [f"{title} {fmt(img[key].get('value'))}" for key, title in
+             (("accuracy", "accuracy"), ("qwk", "QWK"), ("mae", "mean abs. grade error"))
+             if key in img]  # fmt: skip
+    ts = img.get("tscore")
+    if ts:
+        extra += [f"T-score MAE {fmt(ts['mae'].get('value'))}",
+                  f"Pearson r {fmt(ts['pearson_r'].get('value'))}"]  # fmt: skip
+    console.print("image only: " + ", ".join(extra), highlight=False)
     td = m.training_data
     console.print(
         f"{td.get('n_images')} images used ({td.get('n_duplicate_groups')} duplicate groups, "

@@ -17,6 +17,13 @@ images; see the report in the model card for the exact numbers of a run):
   measured end to end); a few minutes on a GPU.
 - ``vgg16-paper``: VGG-16, RMSprop lr 1e-3, two-stage fine-tuning, 5 folds (Abubakar et al. 2022).
 - ``effnet-paper``: EfficientNet-B0, Adam lr 1e-4, weight decay 1e-5, heavy augmentation.
+- ``large``: thousands of images (designed on the 5,778 knee-kl training radiographs, KL grades):
+  EfficientNet-Lite0 at 224 px, one split with small validation (10 %) and test (5 %) parts,
+  1 head epoch then 6 epochs fine-tuning the top 4 of 7 blocks (AdamW, cosine), mild augmentation
+  (rotation 10 degrees, shift 6 %, zoom 10 %, flips: the joint stays in view), no class weights
+  (they trade accuracy for rare-class recall). Measured training speed on 2 CPU cores (CPU-time
+  measurement, machine shared): ~16 images/s for the top-4 fine-tuning at 224 px against ~10
+  for the whole network, which is what fits 7 epochs over ~4,900 images into about 40 minutes.
 """
 
 from __future__ import annotations
@@ -120,7 +127,10 @@ class TrainConfig:
     channels_last: bool = True
     seed: int = 0
     num_threads: int | None = None
-    read_workers: int = 2
+    # Threads reading and preprocessing files (decoders release the GIL); None: one per CPU,
+    # at most 8. Reading is a one-off pass: the model trains from the in-memory (and, with
+    # --cache-dir, on-disk) cache of preprocessed images afterwards.
+    read_workers: int | None = None
     cache_dir: Path | None = None
     # --- preprocessing / evaluation -------------------------------------------------------
     preprocess: dict[str, Any] = field(default_factory=dict)  # PreprocessConfig overrides
@@ -222,6 +232,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": "plateau",
         "patience": 6,
     },
+    "large": {
+        "archs": ("efficientnet_lite0",),
+        "size": 224,
+        "folds": 1,
+        "val_fraction": 0.10,
+        "test_fraction": 0.05,
+        "epochs": 7,
+        "stage1_epochs": 1,
+        "unfreeze_blocks": 4,
+        "batch_size": 32,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "lr_stage2": 3e-4,
+        "weight_decay": 1e-4,
+        "schedule": "cosine",
+        "patience": 3,
+        "class_weights": False,
+        "augment": {"rotation": 10.0, "shift": 0.06, "shear": 0.05, "zoom": 0.1, "hflip": 0.5},
+        "n_boot": 1000,
+    },
     "effnet-paper": {
         "archs": ("efficientnet_b0",),
         "size": 224,
@@ -246,6 +276,7 @@ PRESET_HELP: dict[str, str] = {
     "default": "EfficientNet-Lite0 288 px, 5 folds, 10 epochs (~20 min)",
     "vgg16-paper": "VGG-16, RMSprop, 5 folds, 30 epochs (Abubakar et al. 2022)",
     "effnet-paper": "EfficientNet-B0, Adam, all layers, 5 folds, 30 epochs",
+    "large": "thousands of images: Lite0 224 px, one split, 1 + 6 epochs, top 4 blocks (~40 min)",
 }
 
 

@@ -24,6 +24,7 @@ The core reports progress through a callback of :class:`~osteoscan.train.loop.Tr
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ def _load_data(cfg: TrainConfig, emit: ProgressFn) -> _Data:
     emit(TrainEvent("phase", message=f"reading and preprocessing {len(files)} images"))
     cache = ImageCache(pcfg, cfg.cache_dir, body_parts=cfg.body_parts)
     records = cache.load_all(
-        [s.path for s in files], workers=cfg.read_workers,
+        [s.path for s in files], workers=cfg.read_workers or min(8, os.cpu_count() or 1),
         progress=lambda i, n: emit(TrainEvent("read", step=i, n_steps=n)),
     )  # fmt: skip
     ts = build_training_set(files, records)

@@ -1,0 +1,52 @@
+"""The ``large`` preset: a recipe for thousands of images, and the knee-kl benchmark."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from osteoscan.train.recipe import PRESET_HELP, make_config
+
+KNEE_KL = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-kl"
+KNEE_KL = Path(os.environ.get("OSTEOSCAN_KNEE_KL", KNEE_KL))
+
+
+def test_large_preset_is_a_single_split_with_mild_augmentation() -> None:
+    cfg = make_config("large", classes=("0", "1", "2", "3", "4"), positive=("2", "3", "4"),
+                      ordinal=True)  # fmt: skip
+    assert cfg.folds == 1 and cfg.size == 224 and cfg.archs == ("efficientnet_lite0",)
+    assert cfg.val_fraction + cfg.test_fraction < 0.16  # thousands of images: train on most
+    assert cfg.augment.enabled and cfg.augment.shift <= 0.1 and cfg.augment.rotation <= 10
+    assert not cfg.class_weights and cfg.ordinal and cfg.stage1_epochs < cfg.epochs
+    assert "large" in PRESET_HELP
+    # Explicit options still win over the preset.
+    assert make_config("large", epochs=3, size=160).size == 160
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (KNEE_KL / "train.csv").is_file(), reason="knee-kl data not present")
+def test_large_preset_on_knee_kl_subset(tmp_path: Path) -> None:
+    """A few hundred real knee radiographs, 3 epochs: the loss falls, metrics are produced."""
+    import csv
+    import random
+
+    rows = list(csv.DictReader((KNEE_KL / "train.csv").open()))
+    random.Random(0).shuffle(rows)
+    sub = tmp_path / "sub.csv"
+    with sub.open("w") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group"])
+        for r in rows[:400]:
+            w.writerow([str(KNEE_KL / r["path"]), r["label"], r["group"]])
+    from osteoscan.train.trainer import train_models
+
+    cfg = make_config("large", data=sub, classes=("0", "1", "2", "3", "4"),
+                      positive=("2", "3", "4"), ordinal=True, epochs=3, n_boot=100)  # fmt: skip
+    res = train_models(cfg)
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    held = res.manifest.metrics["image_only"]
+    assert held["qwk"]["value"] is not None and held["roc_auc"]["value"] > 0.5
+    assert res.manifest.extra["timings"]["finetune_img_s"] > 0
