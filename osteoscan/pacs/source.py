@@ -219,6 +219,10 @@ class PacsSource:
         out, self._recorded = self._recorded, []
         return out
 
+    def local(self, key: str) -> Path | None:
+        """The retrieved copy of instance ``key`` while its chunk is being scored."""
+        return cache_file(self.cache, key)
+
     def key_of(self, path: str) -> str:
         """The ``dicomweb:`` key of a cache file path (other paths unchanged)."""
         return key_of(self.cache, path)

@@ -48,6 +48,7 @@ from osteoscan.writers import flagged_path_for
 if TYPE_CHECKING:
     from osteoscan.covariates import CovariateSummary
     from osteoscan.manifest import Manifest
+    from osteoscan.pacs.publish import DicomResults
     from osteoscan.pacs.source import PacsSource
     from osteoscan.scan.score import LoadedModel
 
@@ -121,6 +122,7 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         message = _start_message(n_planned, len(files), n_ignored, len(redo), n_vanished,
                                  cfg.prune)  # fmt: skip
         progress.emit("start", f"{source.describe()}: {message}" if source else message)
+        results = _dicom_results(cfg, manifests, session) if cfg.dicom_out or cfg.send else None
         labels = [f"{m.name} {m.version}" for m in manifests]
         device, workers, written, cov = "none", 0, list[Path](), None
         sizes: list[int] = []
@@ -128,12 +130,15 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
             models, device, workers = _prepare(cfg, key)
             sizes = [m.preprocess.size for m in models]
             workers = min(workers, len(todo) + len(redo))
-            run = _Run(cfg, session, models, key, workers, device, progress, manifests, source)
+            run = _Run(cfg, session, models, key, workers, device, progress, manifests, source,
+                       results)  # fmt: skip
             if todo:
                 written += run.score(todo)
             if redo and session.stop_signal is None:
                 written += run.score(redo, heatmaps_only=True)
             cov = _covariate_summary(cfg, run) if todo else None
+        # KOS per study, then STOW of everything pending (also what earlier runs failed to send)
+        result_warnings = results.finish(state) if results is not None else []
         if written or todo or redo or not outputs_current(state, cfg):
             new = _export(cfg, state, manifests, sizes)  # no model needed to rewrite outputs
             written += [p for p in new if p not in written]
@@ -151,7 +156,8 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         hdf5=Path(cfg.hdf5) if cfg.hdf5 else None,
         heatmaps_dir=Path(cfg.heatmaps_dir) if cfg.heatmaps_dir else None, models=labels,
         device=device, workers=workers, batch_size=cfg.batch_size, written=written, totals=totals,
-        covariates=cov.line() if cov else "", warnings=cov.warnings() if cov else [],
+        covariates=cov.line() if cov else "",
+        warnings=(cov.warnings() if cov else []) + result_warnings,
     )  # fmt: skip
 
 
@@ -162,6 +168,15 @@ def _pacs_source(
     from osteoscan.pacs.source import PacsSource
 
     return PacsSource(cfg, manifests, session.state_path)
+
+
+def _dicom_results(
+    cfg: ScanConfig, manifests: Sequence[Manifest], session: ScanSession
+) -> DicomResults:
+    """The DICOM results stage (:mod:`osteoscan.pacs.publish`) of ``--dicom-out``/``--send``."""
+    from osteoscan.pacs.publish import DicomResults
+
+    return DicomResults(cfg, manifests, session.state_path)
 
 
 def _covariate_summary(cfg: ScanConfig, run: _Run) -> CovariateSummary:
@@ -227,6 +242,7 @@ class _Run:
         progress: _Progress,
         manifests: Sequence[Manifest],
         source: PacsSource | None = None,
+        results: DicomResults | None = None,
     ) -> None:
         import torch
 
@@ -250,6 +266,9 @@ class _Run:
         self.engine = LocalEngine(torch.device(device), workers, cfg.batch_size,
                                   session.inflight_dir, cfg.limits)  # fmt: skip
         self.scorer = Scorer(cfg, models)
+        self.results = results
+        if cfg.dicom_heatmaps:  # the flagged rows' maps, for the secondary captures
+            self.scorer.heatmaps_flagged = True
 
     def score(self, files: list[Found], *, heatmaps_only: bool = False) -> list[Path]:
         """Score ``files`` (or, with ``heatmaps_only``, add heatmaps to their stored rows).
@@ -278,6 +297,8 @@ class _Run:
             if self.source is not None:  # a reader death names the cache file: key it
                 for item in scored:
                     item.row.path = self.source.key_of(item.row.path)
+            if self.results is not None and not heatmaps_only:  # needs the source file: now
+                self.results.add(scored, self.source.local if self.source else Path)
             write_heatmap_pngs(scored, cfg.heatmaps_dir)  # before the rows that name them
             if heatmaps_only:
                 attach_heatmaps(state, [s for s in scored if s.row.status == "ok"]
