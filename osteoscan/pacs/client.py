@@ -13,6 +13,7 @@ Messages are built from status codes and exception *types* only: a server's erro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -118,6 +119,12 @@ class PacsClient:
             ) from None
         finally:
             self.attempts = attempts
+
+    def check_auth(self) -> None:
+        """Raise :class:`AuthFailed` when the server refuses our credentials; a server that
+        does not answer is no error here (what is to be stored waits for the next run)."""
+        with contextlib.suppress(PacsUnreachable):
+            self.check()
 
     def search_instances(
         self, filters: Mapping[str, str], fields: Sequence[str]

@@ -69,6 +69,7 @@ class DicomResults:
             client = PacsClient(ServerUrl.parse(cfg.send), timeout=(10.0, cfg.dicomweb_timeout_s),
                                 attempts=cfg.dicomweb_attempts,
                                 backoff_s=cfg.dicomweb_backoff_s)  # fmt: skip
+            client.check_auth()  # a wrong password fails now, not after a night of scoring
         self.outbox = Outbox(cfg.dicom_out, client, outbox_dir_for(state_path))
         self.models = {
             f"{m.name} {m.version}": {

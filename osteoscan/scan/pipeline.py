@@ -137,11 +137,11 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
             if redo and session.stop_signal is None:
                 written += run.score(redo, heatmaps_only=True)
             cov = _covariate_summary(cfg, run) if todo else None
-        # KOS per study, then STOW of everything pending (also what earlier runs failed to send)
-        result_warnings = results.finish(state) if results is not None else []
         if written or todo or redo or not outputs_current(state, cfg):
             new = _export(cfg, state, manifests, sizes)  # no model needed to rewrite outputs
             written += [p for p in new if p not in written]
+        # KOS per study, then STOW of everything pending (also what earlier runs failed to send)
+        result_warnings = results.finish(state) if results is not None else []
         session.raise_if_stopped()
         if source is not None:
             source.finish(state)  # complete: the next default search starts from today
