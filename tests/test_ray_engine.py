@@ -1,0 +1,241 @@
+"""The Ray Data engine: the same records and rows as the local engine, dead readers as error rows.
+
+The Ray tests share one local Ray (2 CPUs, loopback only) started by a module fixture and shut
+down after; they skip when Ray (the ``distributed`` extra) is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from osteoscan.errors import UsageError
+from osteoscan.guards import GuardLimits, Watchdog, guarded_read
+from osteoscan.load import LoadedFrame, Loader
+from osteoscan.preprocess import PreprocessConfig
+from osteoscan.scan.batch import FrameBatch
+from osteoscan.scan.config import ScanConfig
+from osteoscan.scan.engines.local import LocalEngine
+from osteoscan.scan.plan import discover_files
+from osteoscan.scan.routing import Router
+from osteoscan.testing.synthetic import synthetic_knee, write_dicom, write_png
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
+
+try:
+    import ray
+except ImportError:  # the distributed extra is not installed
+    ray = None
+
+needs_ray = pytest.mark.skipif(
+    ray is None, reason='Ray not installed: pip install -e ".[distributed]"'
+)
+
+
+class CrashOn:
+    """A reader that kills its own process on one file name, as a segfaulting decoder would."""
+
+    def __init__(self, name: str, inflight_dir: Path) -> None:
+        self.name, self.inflight_dir = name, str(inflight_dir)
+
+    def __call__(self, path: str | Path, kind: str | None = None) -> list:
+        with Watchdog(self.inflight_dir, None).reading(path):
+            if Path(path).name == self.name:
+                os._exit(139)
+            return guarded_read(path, kind)
+
+
+class HangOn:
+    """A reader that never returns on one file (a decoder stuck in C: no soft limit helps)."""
+
+    def __init__(self, name: str, inflight_dir: Path, hard_seconds: float) -> None:
+        self.name, self.inflight_dir, self.hard = name, str(inflight_dir), hard_seconds
+
+    def __call__(self, path: str | Path, kind: str | None = None) -> list:
+        with Watchdog(self.inflight_dir, self.hard).reading(path):
+            if Path(path).name == self.name:
+                time.sleep(3600)
+            return guarded_read(path, kind)
+
+
+def test_without_ray_the_engine_asks_for_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from osteoscan.scan.engines import ray_data
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    with pytest.raises(UsageError, match=r'pip install -e "\.\[distributed\]"') as info:
+        ray_data.RayEngine(2, None)
+    assert info.value.exit_code == 2
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[Any]:
+    """One local Ray for this module: 2 CPUs, loopback only; shut down after."""
+    if ray is None:
+        pytest.skip('Ray not installed: pip install -e ".[distributed]"')
+    from ray import cloudpickle
+
+    # the test readers travel to Ray workers by value (workers cannot import this test module)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _node_ip_address="127.0.0.1")  # fmt: skip
+    yield ray
+    ray.shutdown()
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo DICOMs and PNGs, synthetic PNG/DICOM knees, a two-frame DICOM, broken files."""
+    root = tmp_path_factory.mktemp("ray") / "archive"
+    shutil.copytree(DEMO, root / "demo")
+    for i in range(4):
+        img = synthetic_knee(96, seed=i, density=0.3 + 0.35 * (i % 3))
+        (write_png if i % 2 else write_dicom)(root / f"s{i}.{'png' if i % 2 else 'dcm'}", img)
+    write_dicom(root / "multi.dcm", np.stack([synthetic_knee(96, seed=99)] * 2))
+    (root / "broken.dcm").write_bytes(b"not a dicom at all")
+    (root / "empty.png").write_bytes(b"")
+    return root
+
+
+def _files(root: Path, tmp: Path) -> list:
+    files, _ = discover_files(ScanConfig(paths=[root], out=tmp / "r.csv"))
+    return files
+
+
+def _loader(keep_display: bool = True) -> Loader:
+    return Loader(Router([["knee"]], ["the model"], "knee"), [PreprocessConfig(size=64)],
+                  keep_display=keep_display)  # fmt: skip
+
+
+def _same_record(a: LoadedFrame, b: LoadedFrame) -> None:
+    for f in dataclasses.fields(LoadedFrame):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            assert np.array_equal(x, y), (a.path, f.name)
+        else:
+            assert x == y, (a.path, f.name, x, y)
+
+
+def _same_batches(ours: list[FrameBatch], theirs: list[FrameBatch]) -> None:
+    assert [b.n_files for b in ours] == [b.n_files for b in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert len(a.records) == len(b.records) and a.rows == b.rows
+        for ra, rb in zip(a.records, b.records, strict=True):
+            _same_record(ra, rb)
+        assert a.pixels.keys() == b.pixels.keys()
+        assert all(torch.equal(a.pixels[p], b.pixels[p]) for p in a.pixels)
+
+
+@needs_ray
+def test_ray_engine_yields_the_local_engines_batches(
+    local_ray: Any, archive: Path, tmp_path: Path
+) -> None:
+    from osteoscan.scan.engines.ray_data import RayEngine
+
+    files = _files(archive, tmp_path)
+    local = list(LocalEngine(torch.device("cpu"), 0, 3, tmp_path / "l").batches(files, _loader()))
+    with RayEngine(3, tmp_path / "r", workers=2) as engine:
+        ours = list(engine.batches(files, _loader()))
+        assert engine.restarts == 0
+    _same_batches(ours, local)
+    statuses = {r.status for b in ours for r in b.records}
+    assert statuses == {"ok", "skipped", "error"}  # the archive exercises every path
+    assert sum(len(b.records) for b in ours) == len(files) + 1  # the two-frame DICOM
+    assert local_ray.is_initialized()  # the engine leaves a Ray it did not start running
+
+
+@needs_ray
+def test_a_reader_process_crash_is_an_error_record_and_the_rest_complete(
+    local_ray: Any, archive: Path, tmp_path: Path
+) -> None:
+    from osteoscan.scan.engines.ray_data import RayEngine
+
+    files = _files(archive, tmp_path)
+    inflight = tmp_path / "inflight"
+    with RayEngine(4, inflight, workers=2, read=CrashOn("s1.png", inflight)) as engine:
+        records = [r for b in engine.batches(files, _loader(False)) for r in b.records]
+    by_path: dict[str, list[LoadedFrame]] = {}
+    for r in records:
+        by_path.setdefault(Path(r.path).name, []).append(r)
+    assert sorted(by_path) == sorted(Path(f.path).name for f in files)  # each file, once
+    assert [r.path for r in records] == [str(f.path) for f in files for _ in by_path[f.path.name]]
+    crashed = by_path["s1.png"]
+    assert len(crashed) == 1 and crashed[0].status == "error"
+    assert "crashed" in crashed[0].reason
+    local = LocalEngine(torch.device("cpu"), 0, 4, tmp_path / "l")
+    expected = {Path(r.path).name: r.status for b in local.batches(files, _loader(False))
+                for r in b.records}  # fmt: skip
+    assert all(r.status == expected[n] for n, rs in by_path.items() if n != "s1.png" for r in rs)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_file_that_hangs_in_c_is_an_error_record_after_the_hard_limit(
+    local_ray: Any, archive: Path, tmp_path: Path
+) -> None:
+    from osteoscan.scan.engines.ray_data import RayEngine
+
+    files = [f for f in _files(archive, tmp_path) if f.path.parent == archive]
+    inflight = tmp_path / "inflight"
+    reader = HangOn("s2.dcm", inflight, hard_seconds=2.0)
+    t0 = time.monotonic()
+    with RayEngine(2, inflight, GuardLimits(seconds=None), workers=2, read=reader) as engine:
+        records = [r for b in engine.batches(files, _loader(False)) for r in b.records]
+    assert time.monotonic() - t0 < 120
+    hung = [r for r in records if Path(r.path).name == "s2.dcm"]
+    assert len(hung) == 1 and hung[0].status == "error" and "hard time limit" in hung[0].reason
+    assert {Path(r.path).name for r in records} == {f.path.name for f in files}
+
+
+@needs_ray
+def test_the_actor_pool_scores_the_rows_the_local_path_scores(
+    local_ray: Any, archive: Path, tiny_package: Callable[..., Path], tmp_path: Path
+) -> None:
+    from osteoscan.manifest import read_manifest
+    from osteoscan.scan.engines.ray_data import RayEngine
+    from osteoscan.scan.engines.ray_score import scored_batches
+    from osteoscan.scan.plan import run_key_for
+    from osteoscan.scan.score import Scorer, load_models
+
+    pkg = tiny_package()
+    cfg = ScanConfig(paths=[archive], out=tmp_path / "r.csv", models=[pkg], body_part="knee",
+                     batch_size=3, hdf5=tmp_path / "r.h5")  # fmt: skip
+    key = run_key_for(cfg, [read_manifest(pkg)])
+    files = _files(archive, tmp_path)
+    models = load_models(cfg.models, torch.device("cpu"))
+    loader = Loader(Router([m.ensemble.body_parts for m in models], [m.label for m in models],
+                           "knee"), [m.preprocess for m in models])  # fmt: skip
+    local_scorer = Scorer(cfg, models)
+    engine0 = LocalEngine(torch.device("cpu"), 0, 3, tmp_path / "l")
+    local = [s for b in engine0.batches(files, loader) for s in local_scorer.score(b)]
+    driver = Scorer(cfg, models)
+    with RayEngine(3, tmp_path / "r", workers=1) as engine:
+        got = list(scored_batches(engine, files, loader, cfg, key, actors=1))
+    for batch in got:
+        batch.replay(driver.tally)
+    ours = [s for b in got for s in b.scored]
+    assert [b.n_files for b in got] == [3] * (len(files) // 3) + (
+        [len(files) % 3] if len(files) % 3 else []
+    )
+    assert len(ours) == len(local)
+    for a, b in zip(ours, local, strict=True):
+        da, db = a.row.as_dict(), b.row.as_dict()
+        da.pop("scanned_at"), db.pop("scanned_at")
+        assert da == db
+        assert a.file_frames == b.file_frames
+        for f in ("member_probs", "heatmap", "model_input"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None and y is None) or np.allclose(x, y, atol=1e-6), f
+    assert any(s.row.status == "ok" for s in ours)
+    assert driver.tally.summary() == local_scorer.tally.summary()
