@@ -50,3 +50,38 @@ def test_large_preset_on_knee_kl_subset(tmp_path: Path) -> None:
     held = res.manifest.metrics["image_only"]
     assert held["qwk"]["value"] is not None and held["roc_auc"]["value"] > 0.5
     assert res.manifest.extra["timings"]["finetune_img_s"] > 0
+
+
+def test_renderers_show_forward_progress_and_throughput() -> None:
+    """Long forward passes (validation, probe features, held-out scoring) and img/s are shown."""
+    import io
+
+    from rich.console import Console
+
+    from osteoscan.cli.train_render import LogRenderer, RichRenderer
+    from osteoscan.train.loop import TrainEvent
+
+    events = [
+        TrainEvent("member_start", n_epochs=2),
+        TrainEvent("progress", message="probe features", step=32, n_steps=64),
+        TrainEvent("progress", message="probe features", step=64, n_steps=64),
+        TrainEvent("epoch_end", epoch=1, n_epochs=2, stage="finetune",
+                   metrics={"train_loss": 1.0, "val_loss": 1.1, "val_auc": 0.8, "seconds": 9.0,
+                            "train_img_s": 15.4, "val_img_s": 26.0}),
+    ]  # fmt: skip
+    buf = io.StringIO()
+    log = LogRenderer(Console(file=buf, width=200), read_every=0.0)
+    for ev in events:
+        log(ev)
+    text = buf.getvalue()
+    assert "probe features: 32/64 images" in text and "probe features: 64/64 images" in text
+    assert "train 15.4 img/s, val 26.0 img/s" in text
+    rich_buf = io.StringIO()
+    live = RichRenderer(Console(file=rich_buf, force_terminal=True, width=200))
+    try:
+        for ev in events:
+            live(ev)
+        assert live.forward is not None
+        assert live.progress.tasks[live.forward].completed == 64
+    finally:
+        live.close()
