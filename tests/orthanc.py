@@ -148,16 +148,18 @@ class Orthanc:
 
 
 class RecordingProxy:
-    """HTTP proxy in front of a server: logs requests, answers 500 or hangs for chosen paths.
+    """HTTP proxy in front of a server: logs requests, answers 500/404 or hangs for chosen paths.
 
-    ``fail`` / ``hang`` hold substrings of request paths; ``requests`` lists (method, path) of
-    everything forwarded or refused, so a test counts WADO retrievals as the server saw them.
+    ``fail`` (500), ``gone`` (404) and ``hang`` hold substrings of request paths; ``requests``
+    lists (method, path) of everything forwarded or refused, so a test counts WADO retrievals
+    as the server saw them.
     """
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.requests: list[tuple[str, str]] = []
         self.fail: set[str] = set()
+        self.gone: set[str] = set()
         self.hang: set[str] = set()
         self.port = free_port()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port),
@@ -192,8 +194,10 @@ class RecordingProxy:
                 if any(s in self.path for s in proxy.hang):
                     time.sleep(30)
                     return
-                if any(s in self.path for s in proxy.fail):
-                    self.send_response(500)
+                failing = [(proxy.fail, 500), (proxy.gone, 404)]
+                code = next((c for subs, c in failing if any(s in self.path for s in subs)), 0)
+                if code:
+                    self.send_response(code)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return

@@ -96,7 +96,7 @@ def test_dicomweb_scan_matches_folder_scan_and_is_incremental(
     pkg = tiny_package()
 
     web = _scan(orthanc_proxy.dicomweb, tmp_path / "web.csv", pkg)
-    local = _scan(archive, tmp_path / "local.csv", pkg)
+    local = _scan(archive, tmp_path / "local.csv", pkg, dicom_out=tmp_path / "local-dicom")
     by_id = {r["image_id"]: r for r in _rows(tmp_path / "local.csv")}
     rows = _rows(tmp_path / "web.csv")
     assert all(r["path"].startswith("dicomweb:") for r in rows)
@@ -110,6 +110,10 @@ def test_dicomweb_scan_matches_folder_scan_and_is_incremental(
         if r["status"] == "ok":
             assert float(r["score"]) == pytest.approx(float(twin["score"]), abs=1e-6)
     assert web.counts["ok"] == local.counts["ok"]
+    # a folder scan of DICOM files makes the same SRs (one per scored image) with --dicom-out
+    srs = [f for f in (tmp_path / "local-dicom").rglob("*.dcm")
+           if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR"]  # fmt: skip
+    assert len(srs) == len(scored)
 
     # chest and spine were decided from the search attributes: rows, but never retrieved
     skipped = {r["image_id"]: r for r in rows if r["status"] == "skipped"}
@@ -164,7 +168,7 @@ def test_server_down_wrong_password_and_no_credentials_in_outputs(
     assert "secret" not in str(usage.value)
 
 
-@pytest.mark.parametrize("failure", ["500", "timeout"])
+@pytest.mark.parametrize("failure", ["500", "timeout", "404"])
 def test_one_failing_instance_is_an_error_row_retried_next_run(
     failure: str,
     orthanc,
@@ -182,21 +186,27 @@ def test_one_failing_instance_is_an_error_row_retried_next_run(
     files = [_new_instance(DEMO / f"knee_00{i}.dcm", tmp_path) for i in (1, 3)]
     orthanc.upload(files)
     victim = pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID
-    (orthanc_proxy.fail if failure == "500" else orthanc_proxy.hang).add(victim)
+    proxy = orthanc_proxy
+    {"500": proxy.fail, "404": proxy.gone, "timeout": proxy.hang}[failure].add(victim)
     pkg, out = tiny_package(), tmp_path / "r.csv"
     kw = {"dicomweb_attempts": 2, "dicomweb_backoff_s": 0.05, "dicomweb_timeout_s": 1.0}
     first = _scan(orthanc_proxy.dicomweb, out, pkg, **kw)
     assert first.counts["ok"] == 1 and first.counts["error"] == 1
     row = next(r for r in _rows(out) if r["image_id"] == "" or r["status"] == "error")
     assert row["status"] == "error" and victim in row["path"]
-    assert ("HTTP 500" if failure == "500" else "timeout") in row["reason"]
-    assert "after 2 attempts" in row["reason"] and "retried on the next run" in row["reason"]
+    if failure == "404":  # deleted between search and retrieval: not retried forever
+        assert "HTTP 404" in row["reason"] and "not on the server any more" in row["reason"]
+    else:
+        assert ("HTTP 500" if failure == "500" else "timeout") in row["reason"]
+        assert "after 2 attempts" in row["reason"] and "retried next run" in row["reason"]
 
-    orthanc_proxy.fail.clear()
-    orthanc_proxy.hang.clear()
-    orthanc_proxy.requests.clear()
-    second = _scan(orthanc_proxy.dicomweb, out, pkg, **kw)
-    assert second.counts["ok"] == 1 and len(orthanc_proxy.retrievals()) == 1
+    for subs in (proxy.fail, proxy.gone, proxy.hang, proxy.requests):
+        subs.clear()
+    second = _scan(proxy.dicomweb, out, pkg, **kw)
+    if failure == "404":
+        assert second.counts["ok"] == 0 and proxy.retrievals() == []
+        return
+    assert second.counts["ok"] == 1 and len(proxy.retrievals()) == 1
     assert {r["status"] for r in _rows(out)} == {"ok"}
     for f in tmp_path.rglob("*"):  # CSV, state, logs: never the password
         if f.is_file() and f != netrc_file:

@@ -81,7 +81,6 @@ class PacsClient:
         self.attempts, self.backoff_s = max(1, attempts), backoff_s
         self._client = DICOMwebClient(url.base, session=session_for(url), timeout=timeout)
         self._client.set_http_retry_params(retry=False)  # our own loop below, for all errors
-        self.n_retrieved = 0
 
     def _auth_failed(self, status: int) -> AuthFailed:
         return AuthFailed(
@@ -145,11 +144,9 @@ class PacsClient:
 
     def retrieve(self, study: str, series: str, instance: str) -> Dataset:
         """WADO-RS one instance, in the transfer syntax it is stored in."""
-        ds = self._call(
+        return self._call(
             lambda: self._client.retrieve_instance(study, series, instance), "retrieval"
         )
-        self.n_retrieved += 1
-        return ds
 
     def store(self, datasets: Sequence[Dataset]) -> None:
         """STOW-RS ``datasets`` (one request); raises :class:`RequestFailed` when refused."""

@@ -191,22 +191,23 @@ class PacsSource:
     def _record_failures(
         self, state: ScanState, failed: Sequence[tuple[Found, RequestFailed]], key: str
     ) -> None:
-        """``error`` rows naming the HTTP status; the instances are planned again next run."""
+        """``error`` rows naming the HTTP status; the instances are planned again next run,
+        except those the server says are gone (404/410: retrying cannot help)."""
         if not failed:
             return
-        rows = [
-            ScoredRow(
-                ResultRow.error(
-                    str(f.path),
-                    f"could not retrieve from {self.url}: {exc.detail}; retried on the next run",
-                )
-            )  # fmt: skip
-            for f, exc in failed
-        ]
+        gone = {str(f.path) for f, exc in failed if exc.status in (404, 410)}
+        rows = []
+        for f, exc in failed:
+            then = "not on the server any more" if str(f.path) in gone else "retried next run"
+            why = f"could not retrieve from {self.url}: {exc.detail}; {then}"
+            rows.append(ScoredRow(ResultRow.error(str(f.path), why)))
         record_batch(state, rows, key, keep_heatmaps=False, include_phi=False)
         self._recorded += rows
         retry = self._retries(state)
         for f, _exc in failed:
+            if str(f.path) in gone:
+                retry.pop(str(f.path), None)
+                continue
             retry[str(f.path)] = list(f.signature or (0, 0))
             # an error row whose file entry is gone is planned (retrieved) again next run
             state.connection.execute("DELETE FROM files WHERE path=?", (str(f.path),))
