@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from osteoscan.scan.pipeline import run_scan
 from osteoscan.scan.state import ScanState
 from osteoscan.testing.synthetic import synthetic_knee, write_dicom, write_png
 from osteoscan.writers import read_hdf5
-from tests.test_crash_safety import _rows_in_state, read_rows
+from tests.test_crash_safety import _rows_in_state, kill_when, read_rows
 
 
 def _archive(root: Path, start: int, n: int) -> Path:
@@ -160,15 +158,7 @@ def kill_night2_and_rerun(nights: dict, out: Path, rng: random.Random) -> tuple[
         [sys.executable, "-c", _NIGHT2, str(old), str(new), str(out), str(pkg)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline, seen = time.monotonic() + 120, start
-    while proc.poll() is None and time.monotonic() < deadline:
-        seen = _rows_in_state(db)
-        if seen >= target:
-            break
-        time.sleep(0.003)
-    time.sleep(rng.uniform(0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    seen = kill_when(proc, db, target, rng.uniform(0, 0.3))
     with ScanState.open(db) as st:
         mark = read_mark(st, "csv")
         torn = bool(mark and os.stat(out / "results.csv").st_size != mark.length)

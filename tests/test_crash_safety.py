@@ -109,6 +109,22 @@ def _rows_in_state(db: Path) -> int:
         return -1
 
 
+def kill_when(proc: subprocess.Popen, db: Path, rows: int, delay: float) -> int:
+    """SIGKILL ``proc`` ``delay`` seconds after the state ``db`` holds ``rows`` rows (or after
+    it exits / two minutes); returns the rows seen last."""
+    seen = -1
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen = _rows_in_state(db) if db.exists() else -1
+        if seen >= rows:
+            break
+        time.sleep(0.003)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return seen
+
+
 def kill_and_rerun(setup: dict, out: Path, rng: random.Random, workers: str = "0") -> int:
     """SIGKILL a scan once it has recorded a random number of rows (+ a random delay), check
     the outputs left behind, rerun, compare with the uninterrupted reference. Returns rows seen
@@ -117,17 +133,7 @@ def kill_and_rerun(setup: dict, out: Path, rng: random.Random, workers: str = "0
     cmd[cmd.index("--workers") + 1] = workers
     target = rng.randint(0, N_FILES + 2)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = out / "results.state.sqlite"
-    seen = -1
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        seen = _rows_in_state(db) if db.exists() else -1
-        if seen >= target:
-            break
-        time.sleep(0.005)
-    time.sleep(rng.uniform(0, 0.25))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    seen = kill_when(proc, out / "results.state.sqlite", target, rng.uniform(0, 0.25))
     # whatever is on disk now is a complete, readable earlier version (or nothing)
     if (out / "results.csv").exists():
         rows = read_rows(out / "results.csv")
