@@ -86,6 +86,8 @@ def test_send_puts_one_sr_per_scored_image_and_one_kos_per_flagged_study(
                      dicom_out=tmp_path / "dicom", dicom_heatmaps=True)  # fmt: skip
     summary = run_scan(cfg)
     assert summary.warnings == []
+    assert summary.dicom_results.startswith("DICOM results: 9 SR, 8 KOS, 9 heatmap captures")
+    assert "26 stored at" in summary.dicom_results and "0 waiting" in summary.dicom_results
     with out.open(newline="") as fh:
         rows = {r["image_id"]: r for r in csv.DictReader(fh)}
     scored = {k: r for k, r in rows.items() if r["status"] == "ok"}

@@ -49,7 +49,7 @@ class Outbox:
     def __init__(self, folder: str | Path | None, client: PacsClient | None, pending: Path) -> None:
         self.folder = Path(folder) if folder else None
         self.client, self.pending = client, pending
-        self.n_written = self.n_sent = 0
+        self.n_written = self.n_sent = self.left = 0
         self.last_error = ""
 
     def put(self, ds: Dataset) -> None:
@@ -94,7 +94,7 @@ class Outbox:
             for path, _ in items:
                 path.unlink(missing_ok=True)
             self.n_sent += len(items)
-        left = len(self.waiting())
+        self.left = left = len(self.waiting())
         self._remember(state, left)
         return left
 

@@ -118,6 +118,15 @@ class DicomResults:
             self.outbox.put(heatmap_capture(evidence, rgb, orientation))
             self.counts["capture"] += 1
 
+    def line(self) -> str:
+        """One line for the log: objects made, stored, waiting (never identifiers)."""
+        c, box = self.counts, self.outbox
+        made = f"DICOM results: {c['sr']} SR, {c['kos']} KOS, {c['capture']} heatmap captures"
+        where = f"; {box.n_written} written to {box.folder}" if box.folder else ""
+        if box.client is not None:
+            where += f"; {box.n_sent} stored at {box.client.url}, {box.left} waiting"
+        return made + where
+
     def finish(self, state: ScanState) -> list[str]:
         """KOS per study with flagged images, then store what is pending; returns warnings."""
         for evidence in self.flagged.values():

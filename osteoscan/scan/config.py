@@ -176,3 +176,5 @@ class ScanSummary:
     # where the scored images' age/sex came from (one line), and problems a person should fix
     covariates: str = ""
     warnings: list[str] = field(default_factory=list)
+    # --dicom-out/--send: what was made, stored and is still waiting (one line; "" without)
+    dicom_results: str = ""

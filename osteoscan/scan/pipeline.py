@@ -158,6 +158,7 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
         device=device, workers=workers, batch_size=cfg.batch_size, written=written, totals=totals,
         covariates=cov.line() if cov else "",
         warnings=(cov.warnings() if cov else []) + result_warnings,
+        dicom_results=results.line() if results is not None else "",
     )  # fmt: skip
 
 
