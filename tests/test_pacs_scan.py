@@ -123,10 +123,15 @@ def test_dicomweb_scan_matches_folder_scan_and_is_incremental(
     assert len(retrieved) == len(scored)
     assert not any(uid in p for p in retrieved for uid in skipped)
 
-    # a second run, even over all dates, retrieves nothing and changes nothing
+    # a second run, even over all dates, retrieves nothing and changes nothing; it removes the
+    # retrieved copies a killed run left (they hold identifiers)
+    cache = tmp_path / "web.state.sqlite.dicomweb-cache"
+    assert not cache.exists()
+    (cache / "1.2" / "3.4").mkdir(parents=True)
+    shutil.copy(files[0], cache / "1.2" / "3.4" / "5.6.dcm")
     orthanc_proxy.requests.clear()
     again = _scan(orthanc_proxy.dicomweb, tmp_path / "web.csv", pkg, since="2000-01-01")
-    assert orthanc_proxy.retrievals() == []
+    assert orthanc_proxy.retrievals() == [] and not cache.exists()
     assert again.counts["ok"] == 0 and again.counts["unchanged"] == len(rows)
 
     # k new instances (today's studies): the default window finds them, exactly k retrieved

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -93,6 +92,9 @@ class PacsSource:
     # -- discover ----------------------------------------------------------------------------
     def discover(self, state: ScanState) -> tuple[list[Found], int]:
         """(instances found, instances dropped as malformed); exit 1 if the server fails."""
+        # a killed run's retrieved copies hold identifiers: gone before anything else (we hold
+        # the lock), even on a night with nothing to retrieve
+        shutil.rmtree(self.cache, ignore_errors=True)
         self.client.check()
         since = self.cfg.since
         last = state.meta(self.watermark_key)
@@ -245,10 +247,3 @@ class PacsSource:
         window = self.window or "all dates"
         mods = ",".join(self.cfg.modalities) or ",".join(DEFAULT_MODALITIES)
         return f"{self.url}: StudyDate {window}, modalities {mods}"
-
-
-def remove_cache(state_path: str | Path) -> None:
-    """Delete the cache folder of ``state_path`` (a killed run may have left one)."""
-    folder = cache_dir_for(state_path)
-    if os.path.isdir(folder):
-        shutil.rmtree(folder, ignore_errors=True)
