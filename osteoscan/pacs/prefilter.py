@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from osteoscan import header
 from osteoscan.frames import ImageFrame
 from osteoscan.gate import GateCode, dicom_decision
+from osteoscan.inert import valid_uid
 from osteoscan.readers.dicom import non_image_reason
 from osteoscan.rows import ResultRow, ScoredRow
 from osteoscan.scan.routing import Router
@@ -66,6 +67,7 @@ def skip_reason(ds: Dataset, router: Router) -> tuple[str, str] | None:
 def skipped_rows(key: str, ds: Dataset, reason: str, part: str, now: str) -> list[ScoredRow]:
     """The ``skipped`` rows of one instance (one per frame, as a folder scan writes them)."""
     uid = str(ds.get("SOPInstanceUID", "") or "")
+    uid = uid if valid_uid(uid) else ""  # as the reader: image_id only from a valid UID
     n = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
     if non_image_reason(ds):
         n = 1  # the reader writes one row for a non-image object
