@@ -37,6 +37,8 @@ try:
 except ImportError:  # the distributed extra is not installed
     ray = None
 
+# Ray Data's own DataContext copies warn about its deprecated fields
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
 needs_ray = pytest.mark.skipif(
     ray is None, reason='Ray not installed: pip install -e ".[distributed]"'
 )
@@ -180,7 +182,6 @@ def test_a_reader_process_crash_is_an_error_record_and_the_rest_complete(
 
 
 @needs_ray
-@pytest.mark.slow
 def test_a_file_that_hangs_in_c_is_an_error_record_after_the_hard_limit(
     local_ray: Any, archive: Path, tmp_path: Path
 ) -> None:
@@ -239,3 +240,64 @@ def test_the_actor_pool_scores_the_rows_the_local_path_scores(
             assert (x is None and y is None) or np.allclose(x, y, atol=1e-6), f
     assert any(s.row.status == "ok" for s in ours)
     assert driver.tally.summary() == local_scorer.tally.summary()
+
+
+def _scan(cfg: ScanConfig) -> dict[str, Any]:
+    """Run the scan; the CSV rows (no ``scanned_at``), flagged rows and HDF5 arrays it wrote."""
+    import csv
+
+    from osteoscan.scan.pipeline import run_scan
+    from osteoscan.writers import flagged_path_for, read_hdf5
+
+    summary = run_scan(cfg)
+    out: dict[str, Any] = {"summary": (summary.counts, summary.rows, summary.covariates)}
+    for name, path in (("rows", cfg.out), ("flagged", flagged_path_for(cfg.out))):
+        with open(path, newline="") as fh:
+            out[name] = [{k: v for k, v in r.items() if k != "scanned_at"}
+                         for r in csv.DictReader(fh)]  # fmt: skip
+    out["hdf5"] = read_hdf5(cfg.hdf5) if cfg.hdf5 else {}
+    out["hdf5"].pop("scanned_at", None)
+    out["hdf5"]["attrs"] = {k: v for k, v in out["hdf5"].get("attrs", {}).items()
+                            if "time" not in k and "created" not in k}  # fmt: skip
+    return out
+
+
+@needs_ray
+@pytest.mark.slow  # about 20 s here; the engine's records are checked by the default tests
+def test_a_scan_through_the_ray_engine_writes_the_local_scans_outputs(
+    local_ray: Any,
+    archive: Path,
+    tiny_package: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The orchestrator unchanged, its engine swapped: identical CSV, flagged list and HDF5."""
+    from osteoscan.scan.engines import local as local_module
+    from osteoscan.scan.engines.ray_data import RayEngine
+
+    def cfg_in(folder: str) -> ScanConfig:
+        out = tmp_path / folder
+        return ScanConfig(paths=[archive], out=out / "results.csv", models=[tiny_package()],
+                          hdf5=out / "results.h5", body_part="knee", batch_size=3, workers=0,
+                          device="cpu")  # fmt: skip
+
+    local = _scan(cfg_in("local"))
+    made: list[RayEngine] = []
+
+    def ray_engine(device: Any, workers: int, batch_size: int, inflight: Path, limits: Any) -> Any:
+        made.append(RayEngine(batch_size, inflight, limits, workers=2))
+        return made[-1]
+
+    monkeypatch.setattr(local_module, "LocalEngine", ray_engine)
+    ours = _scan(cfg_in("ray"))
+    assert len(made) == 1 and made[0].restarts == 0
+    made[0].close()
+    assert ours["rows"] == local["rows"] and ours["flagged"] == local["flagged"]
+    assert ours["summary"] == local["summary"]
+    assert ours["hdf5"].keys() == local["hdf5"].keys()
+    for key, value in local["hdf5"].items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(ours["hdf5"][key], value, equal_nan=value.dtype.kind == "f"), key
+        else:
+            assert ours["hdf5"][key] == value, key
+    assert {r["status"] for r in ours["rows"]} == {"ok", "skipped", "error"}

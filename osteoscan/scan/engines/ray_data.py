@@ -72,6 +72,8 @@ class RaySession:
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
         self.ray = import_ray()
         self.started = False
+        # Ray Data's banners and stats would interleave with the scan's own progress lines
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         if self.ray.is_initialized():
             return  # a test fixture or the caller connected already: theirs to shut down
         # no usage-stats report home; nothing here needs the network beyond loopback
@@ -89,8 +91,6 @@ class RaySession:
                 **common,
             )
         self.started = True
-        # Ray Data's banners and stats would interleave with the scan's own progress lines
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
     def cpus(self) -> int:
         """CPUs the cluster offers (at least 1)."""
@@ -254,7 +254,8 @@ class RayEngine:
         repeat = int(os.environ.get(DECODE_REPEAT_ENV, "1") or 1)
         self.read = read or RayReader(limits or GuardLimits(), inflight_dir, repeat)
         self.restarts = 0
-        self._ledger: Any = None
+        # started now (its process boots while the driver plans), used by every dataset
+        self._ledger: Any = self.session.ray.remote(num_cpus=0)(_Ledger).remote()
 
     def close(self) -> None:
         """Stop the ledger and the Ray that this engine started."""
@@ -296,8 +297,6 @@ class RayEngine:
         gives up on a dataset, a new one covers the files not yet yielded.
         """
         ray = self.session.ray
-        if self._ledger is None:
-            self._ledger = ray.remote(num_cpus=0)(_Ledger).remote()
         task = _LoadTask(dataclasses.replace(loader, read=self.read), self._ledger,
                          self.blame_after)  # fmt: skip
         size = max(1, int(chunk or self.files_per_task))

@@ -1,0 +1,160 @@
+"""Does the Ray engine's load stage scale with its workers? And what does each stage cost here?
+
+    python benchmarks/ray_scaling.py [--n 24] [--size 1024] [--file-s 0.25] [--trials 2] [--json]
+
+Builds N synthetic knee DICOMs (``--size`` px, uncompressed 12-bit) in a temporary folder, then:
+
+1. stage rates on one core, in this process: the load stage (guarded read + gate + route +
+   preprocess) per file, and the default model's scoring (ensemble, CPU) per image;
+2. the scaling run: a local Ray with 2 CPUs; the decode made artificially CPU-heavy
+   (:data:`~osteoscan.scan.engines.ray_data.DECODE_REPEAT_ENV`: each file read k times, k chosen
+   so one file costs about ``--file-s`` seconds), then the same files through
+   :class:`~osteoscan.scan.engines.ray_data.RayEngine` with 1 and with 2 workers, alternately,
+   ``--trials`` times each; the best time of each counts (neighbours on a shared machine only
+   ever slow a trial down). Reports files/s and the ratio 2 workers / 1 worker.
+
+Ray workers are warmed up first (their imports are not decode time). Run it on a quiet machine:
+``uptime``'s load is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def build(root: Path, n: int, size: int) -> list[Any]:
+    """``n`` synthetic knee DICOMs (a few distinct images, copied); their discovered files."""
+    from osteoscan.scan.config import ScanConfig
+    from osteoscan.scan.plan import discover_files
+    from osteoscan.testing.synthetic import synthetic_knee, write_dicom
+
+    for i in range(n):
+        write_dicom(root / f"k{i:04d}.dcm", synthetic_knee(size, seed=i % 4),
+                    sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{i + 1}")  # fmt: skip
+    files, _ = discover_files(ScanConfig(paths=[root], out=root.parent / "r.csv"))
+    return files
+
+
+def loader_for(models: list[Any]) -> Any:
+    from osteoscan.load import Loader
+    from osteoscan.scan.routing import Router
+
+    router = Router([m.ensemble.body_parts for m in models], [m.label for m in models], "knee")
+    return Loader(router, [m.preprocess for m in models])
+
+
+def stage_rates(files: list[Any], models: list[Any]) -> dict[str, float]:
+    """Seconds a file for the load stage, seconds an image for scoring (one core each)."""
+    import torch
+
+    from osteoscan.scan.batch import collate_frames
+    from osteoscan.scan.config import ScanConfig
+    from osteoscan.scan.score import Scorer
+
+    torch.set_num_threads(1)
+    loader = loader_for(models)
+    sample = files[: min(8, len(files))]
+    loader(sample[0].path, sample[0].kind, sample[0].root)  # warm caches
+    t0 = time.perf_counter()
+    loaded = [loader(f.path, f.kind, f.root) for f in sample]
+    load_s = (time.perf_counter() - t0) / len(sample)
+    scorer = Scorer(ScanConfig(paths=[], out=Path("unused.csv"), batch_size=8), models)
+    batch = collate_frames(loaded)
+    scorer.score(collate_frames([loader(f.path, f.kind, f.root) for f in sample[:2]]))  # warm
+    t0 = time.perf_counter()
+    scorer.score(batch)
+    score_s = (time.perf_counter() - t0) / len(batch.records)
+    return {"load_s_per_file": load_s, "score_s_per_image": score_s}
+
+
+def calibrate_repeat(files: list[Any], target_s: float) -> int:
+    """Reads of one file that cost about ``target_s`` seconds of decode on one core."""
+    from osteoscan.guards import guarded_read
+
+    f = files[0]
+    guarded_read(f.path, f.kind)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        guarded_read(f.path, f.kind)
+    one = (time.perf_counter() - t0) / 3
+    return max(1, round(target_s / one))
+
+
+def scaling(files: list[Any], loader: Any, repeat: int, trials: int, tmp: Path) -> dict[str, Any]:
+    """Best wall time over ``trials`` of the Ray load stage with 1 and with 2 workers, each file
+    decoded ``repeat`` times (what ``OSTEOSCAN_RAY_DECODE_REPEAT`` sets for a scan)."""
+    import ray
+
+    from osteoscan.scan.engines.ray_data import RayEngine, RaySession
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _node_ip_address="127.0.0.1")  # fmt: skip
+    try:
+        session = RaySession()  # joins the Ray just started (and leaves it running)
+        engine = RayEngine(8, tmp / "inflight", workers=2, session=session)
+        list(engine.batches(files[:4], loader))  # both workers import the reader stack
+        engine.read.repeat = repeat
+        best: dict[int, float] = {}
+        for _ in range(trials):
+            for workers in (1, 2):
+                engine.workers = workers
+                t0 = time.perf_counter()
+                n = sum(b.n_files for b in engine.batches(files, loader))
+                wall = time.perf_counter() - t0
+                assert n == len(files)
+                best[workers] = min(best.get(workers, wall), wall)
+        engine.close()
+    finally:
+        ray.shutdown()
+    rate = {w: len(files) / s for w, s in best.items()}
+    return {"best_s": best, "files_per_s": rate, "ratio_2_over_1": rate[2] / rate[1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=24, help="files in the archive")
+    ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    ap.add_argument("--file-s", type=float, default=0.25, help="target decode seconds a file")
+    ap.add_argument("--trials", type=int, default=2, help="trials per worker count")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args()
+
+    import torch
+
+    from osteoscan.scan.score import load_models
+
+    tmp = Path(tempfile.mkdtemp(prefix="osteoscan-ray-bench-"))
+    try:
+        files = build(tmp / "archive", args.n, args.size)
+        models = load_models([], torch.device("cpu"))
+        rates = stage_rates(files, models)
+        repeat = calibrate_repeat(files, args.file_s)
+        result = scaling(files, loader_for(models), repeat, args.trials, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {"files": args.n, "size": args.size, "decode_repeat": repeat, **rates, **result,
+           "loadavg": os.getloadavg(), "cpus": os.cpu_count()}  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=1, default=str))
+        return
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"load stage, one core: {rates['load_s_per_file'] * 1000:.0f} ms a file "
+          f"({args.size} px DICOM); default model on CPU: "
+          f"{rates['score_s_per_image'] * 1000:.0f} ms an image")  # fmt: skip
+    print(f"scaling run: {args.n} files, each read {repeat}x (~{args.file_s:g} s of decode)")
+    for w in (1, 2):
+        print(f"  {w} worker(s): best {result['best_s'][w]:.2f} s = "
+              f"{result['files_per_s'][w]:.2f} files/s")  # fmt: skip
+    print(f"  2 workers / 1 worker: {result['ratio_2_over_1']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
