@@ -152,7 +152,7 @@ class RecordingProxy:
 
     ``fail`` (500), ``gone`` (404) and ``hang`` hold substrings of request paths; ``requests``
     lists (method, path) of everything forwarded or refused, so a test counts WADO retrievals
-    as the server saw them.
+    as the server saw them. With ``bearer`` set it stands for a server that takes bearer tokens.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -161,6 +161,8 @@ class RecordingProxy:
         self.fail: set[str] = set()
         self.gone: set[str] = set()
         self.hang: set[str] = set()
+        # when set, the proxy is a token gateway: only "Bearer <bearer>" passes (else 401)
+        self.bearer: str | None = None
         self.port = free_port()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port),
                                                        self._handler())  # fmt: skip
@@ -196,6 +198,9 @@ class RecordingProxy:
                     return
                 failing = [(proxy.fail, 500), (proxy.gone, 404)]
                 code = next((c for subs, c in failing if any(s in self.path for s in subs)), 0)
+                auth = self.headers.get("Authorization", "")
+                if proxy.bearer is not None and auth != f"Bearer {proxy.bearer}":
+                    code = 401
                 if code:
                     self.send_response(code)
                     self.send_header("Content-Length", "0")
@@ -208,8 +213,11 @@ class RecordingProxy:
                     for k, v in self.headers.items()
                     if k.lower() not in ("host", "content-length", "accept-encoding")
                 }
+                if proxy.bearer is not None:  # a token gateway: Orthanc itself wants basic auth
+                    headers.pop("Authorization", None)
                 r = requests.request(self.command, proxy.upstream + self.path, data=body,
-                                     headers=headers, timeout=60, stream=False)  # fmt: skip
+                                     headers=headers, timeout=60, stream=False,
+                                     auth=(USER, PASSWORD) if proxy.bearer else None)  # fmt: skip
                 self.send_response(r.status_code)
                 for k, v in r.headers.items():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection",

@@ -218,3 +218,24 @@ def test_one_failing_instance_is_an_error_row_retried_next_run(
             assert PASSWORD.encode() not in f.read_bytes(), f
     captured = capsys.readouterr()
     assert PASSWORD not in captured.out + captured.err + caplog.text
+
+
+def test_a_bearer_token_from_the_environment(
+    orthanc, orthanc_proxy: RecordingProxy, tiny_package, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    orthanc.clear()
+    orthanc.upload([_new_instance(DEMO / "knee_002.dcm", tmp_path)])
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    orthanc_proxy.bearer = "tok-8f3a-secret"
+    monkeypatch.setenv("OSTEOSCAN_DICOMWEB_TOKEN", "tok-8f3a-secret")
+    done = _scan(orthanc_proxy.dicomweb, tmp_path / "t.csv", tiny_package())
+    assert done.counts["ok"] == 1
+    monkeypatch.setenv("OSTEOSCAN_DICOMWEB_TOKEN", "tok-expired")
+    with pytest.raises(AuthFailed, match="OSTEOSCAN_DICOMWEB_TOKEN") as err:
+        _scan(orthanc_proxy.dicomweb, tmp_path / "u.csv", tiny_package())
+    text = str(err.value) + capsys.readouterr().err
+    for f in tmp_path.rglob("*"):
+        if f.is_file() and f.suffix != ".dcm":
+            text += f.read_bytes().decode("latin-1")
+    assert "tok-8f3a" not in text and "tok-expired" not in text
