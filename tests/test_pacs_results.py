@@ -154,20 +154,20 @@ def test_a_failed_store_is_retried_by_the_next_run(
     kw = dict(paths=[orthanc.dicomweb], out=out, models=[tiny_package()], device="cpu",
               workers=0, quiet=True, send=proxy.dicomweb, dicomweb_attempts=1)  # fmt: skip
     first = run_scan(ScanConfig(**kw, modalities=["DX"]))  # type: ignore[arg-type]
-    assert len(first.warnings) == 1 and "HTTP 500" in first.warnings[0]
+    assert len(first.warnings) == 1 and "HTTP 500" in first.warnings[0], first.warnings
     assert "stored by the next run" in first.warnings[0]
     assert _ours(orthanc, "SR") == []
 
     proxy.fail.clear()
     second = run_scan(ScanConfig(**kw, modalities=["DX"]))  # type: ignore[arg-type]
-    assert second.counts["ok"] == 0 and second.warnings == []
+    assert second.counts["ok"] == 0 and second.warnings == [], (second.counts, second.warnings)
     srs = _ours(orthanc, "SR")
-    assert len(srs) == first.counts["ok"] == 9
+    assert len(srs) == first.counts["ok"] == 9, (len(srs), first.counts, second.dicom_results)
     state = sqlite3.connect(tmp_path / "r.state.sqlite")
     memo = json.loads(
         state.execute("SELECT value FROM meta WHERE key='dicom_results'").fetchone()[0]
     )
-    assert memo["pending"] == 0 and memo["sent"] >= 9
+    assert memo["pending"] == 0 and memo["sent"] >= 9, memo
 
 
 def test_hostile_header_values_never_make_an_invalid_sr(tmp_path: Path) -> None:
