@@ -32,6 +32,8 @@ from osteoscan.testing.synthetic import synthetic_knee, write_dicom, write_png
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
 
+# Ray's single-machine mode (loopback only), read when ray is first imported
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 try:
     import ray
 except ImportError:  # the distributed extra is not installed
@@ -182,6 +184,7 @@ def test_a_reader_process_crash_is_an_error_record_and_the_rest_complete(
 
 
 @needs_ray
+@pytest.mark.slow  # 11-13 s here: with it the default Ray tests would pass a minute
 def test_a_file_that_hangs_in_c_is_an_error_record_after_the_hard_limit(
     local_ray: Any, archive: Path, tmp_path: Path
 ) -> None:
@@ -301,3 +304,47 @@ def test_a_scan_through_the_ray_engine_writes_the_local_scans_outputs(
         else:
             assert ours["hdf5"][key] == value, key
     assert {r["status"] for r in ours["rows"]} == {"ok", "skipped", "error"}
+
+
+KILLED_DRIVER = """
+import os, time
+from osteoscan.scan.engines.ray_data import RaySession, _stat
+session = RaySession(num_cpus=1)
+ppid = {int(p): int(f[1]) for p in os.listdir("/proc") if p.isdigit() and (f := _stat(p))}
+kids, frontier = [], {os.getpid()}
+while frontier:  # every descendant: Ray's agents are the raylet's children
+    frontier = {p for p, q in ppid.items() if q in frontier}
+    kids += frontier
+print(" ".join(map(str, kids)), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
+
+
+@needs_ray
+@pytest.mark.slow  # starts its own Ray in a subprocess (about 20 s here)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_nothing_of_a_local_ray_outlives_a_killed_scan(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        kids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(kids) >= 4, "the local Ray's processes were not found"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [k for k in kids if _alive(k)]

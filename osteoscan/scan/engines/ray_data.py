@@ -26,10 +26,13 @@ received (at most :data:`MAX_RESTARTS` times); the ledger survives, so a culprit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -67,29 +70,34 @@ def import_ray() -> Any:
 
 class RaySession:
     """Connects to Ray for one scan: joins ``address``, reuses a connection already made, or
-    starts a local Ray sized to this machine (loopback only); :meth:`close` stops what it began."""
+    starts a local Ray sized to this machine; :meth:`close` stops what it began.
+
+    A local Ray listens on loopback only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when
+    ``ray`` is first imported: Ray's single-machine mode) and sends no usage statistics. Its head
+    processes die with the scan (Ray's own fate sharing), except two agents that outlive a
+    SIGKILLed driver; a small reaper process (:data:`_REAPER`) ends them then.
+    """
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if not address:
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         self.ray = import_ray()
         self.started = False
+        self._reaper: subprocess.Popen[bytes] | None = None
         # Ray Data's banners and stats would interleave with the scan's own progress lines
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         if self.ray.is_initialized():
             return  # a test fixture or the caller connected already: theirs to shut down
-        # no usage-stats report home; nothing here needs the network beyond loopback
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         common: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
         if address:
             self.ray.init(address=address, **common)
         else:
             from osteoscan.runtime import cpu_count
 
-            self.ray.init(
-                num_cpus=num_cpus or cpu_count(),
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                **common,
-            )
+            self.ray.init(num_cpus=num_cpus or cpu_count(), include_dashboard=False,
+                          _node_ip_address="127.0.0.1", **common)  # fmt: skip
+            self._reaper = _start_reaper()
         self.started = True
 
     def cpus(self) -> int:
@@ -105,6 +113,58 @@ class RaySession:
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
         self.started = False
+        if self._reaper is not None and self._reaper.stdin is not None:
+            self._reaper.stdin.close()  # EOF: it ends whatever the shutdown left behind
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._reaper.wait(timeout=10)
+            self._reaper = None
+
+
+# Waits for EOF on stdin (the scan ended, however), then ends the listed processes that still
+# are the ones it was given (pid and start time: a reused pid is left alone).
+_REAPER = """
+import os, sys, time
+def start(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+procs = [tuple(map(int, a.split(":"))) for a in sys.argv[1:]]
+sys.stdin.buffer.read()
+for sig in (15, 9):
+    for pid, t in procs:
+        if start(pid) == t:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+    time.sleep(1)
+"""
+
+
+def _stat(pid: int | str) -> list[bytes]:
+    """Fields of ``/proc/PID/stat`` after the command name (state, ppid, ...); [] if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _start_reaper() -> subprocess.Popen[bytes] | None:
+    """A reaper for the processes the local Ray start left under this one (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    stats = {int(e): f for e in os.listdir("/proc") if e.isdigit() and len(f := _stat(e)) > 19}
+    mine, frontier = [], {os.getpid()}
+    while frontier:  # descendants, generation by generation
+        frontier = {pid for pid, f in stats.items() if int(f[1]) in frontier}
+        mine += sorted(frontier)
+    args = [f"{pid}:{int(stats[pid][19])}" for pid in mine]
+    return subprocess.Popen([sys.executable, "-c", _REAPER, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
 
 
 class RayReader(GuardedReader):
