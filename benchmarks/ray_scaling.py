@@ -69,9 +69,34 @@ def stage_rates(files: list[Any], models: list[Any]) -> dict[str, float]:
     batch = collate_frames(loaded)
     scorer.score(collate_frames([loader(f.path, f.kind, f.root) for f in sample[:2]]))  # warm
     t0 = time.perf_counter()
-    scorer.score(batch)
+    scored = scorer.score(batch)
     score_s = (time.perf_counter() - t0) / len(batch.records)
-    return {"load_s_per_file": load_s, "score_s_per_image": score_s}
+    return {"load_s_per_file": load_s, "score_s_per_image": score_s,
+            "record_s_per_row": record_rate(scored)}  # fmt: skip
+
+
+def record_rate(scored: list[Any]) -> float:
+    """Seconds a row for the driver's record stage (one SQLite transaction a batch of 32)."""
+    import copy
+
+    from osteoscan.scan.record import record_batch
+    from osteoscan.scan.state import ScanState
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = ScanState.open(Path(tmp) / "s.sqlite")
+        rows = []
+        for k in range(256):  # distinct paths: a fresh row each
+            for item in scored:
+                one = copy.copy(item)
+                one.row = copy.copy(item.row)
+                one.row.path = f"{item.row.path}.{k}"
+                rows.append(one)
+        t0 = time.perf_counter()
+        for i in range(0, len(rows), 32):
+            record_batch(state, rows[i : i + 32], "bench", keep_heatmaps=False, include_phi=False)
+        wall = time.perf_counter() - t0
+        state.close()
+    return wall / len(rows)
 
 
 def calibrate_repeat(files: list[Any], target_s: float) -> int:
@@ -92,7 +117,8 @@ def scaling(files: list[Any], loader: Any, repeat: int, trials: int, tmp: Path) 
     decoded ``repeat`` times (what ``OSTEOSCAN_RAY_DECODE_REPEAT`` sets for a scan)."""
     import ray
 
-    from osteoscan.scan.engines.ray_data import RayEngine, RaySession
+    from osteoscan.scan.engines.ray_cluster import RaySession
+    from osteoscan.scan.engines.ray_data import RayEngine
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
@@ -111,11 +137,16 @@ def scaling(files: list[Any], loader: Any, repeat: int, trials: int, tmp: Path) 
                 wall = time.perf_counter() - t0
                 assert n == len(files)
                 best[workers] = min(best.get(workers, wall), wall)
+        engine.read.repeat, engine.workers = 1, 1  # the engine's own cost a file
+        t0 = time.perf_counter()
+        sum(b.n_files for b in engine.batches(files, loader))
+        plain_s = (time.perf_counter() - t0) / len(files)
         engine.close()
     finally:
         ray.shutdown()
     rate = {w: len(files) / s for w, s in best.items()}
-    return {"best_s": best, "files_per_s": rate, "ratio_2_over_1": rate[2] / rate[1]}
+    return {"best_s": best, "files_per_s": rate, "ratio_2_over_1": rate[2] / rate[1],
+            "ray_1_worker_s_per_file": plain_s}  # fmt: skip
 
 
 def main() -> None:
@@ -149,6 +180,9 @@ def main() -> None:
     print(f"load stage, one core: {rates['load_s_per_file'] * 1000:.0f} ms a file "
           f"({args.size} px DICOM); default model on CPU: "
           f"{rates['score_s_per_image'] * 1000:.0f} ms an image")  # fmt: skip
+    print(f"driver record stage: {rates['record_s_per_row'] * 1000:.2f} ms a row; "
+          f"Ray load stage without repeat, 1 worker: "
+          f"{result['ray_1_worker_s_per_file'] * 1000:.0f} ms a file")  # fmt: skip
     print(f"scaling run: {args.n} files, each read {repeat}x (~{args.file_s:g} s of decode)")
     for w in (1, 2):
         print(f"  {w} worker(s): best {result['best_s'][w]:.2f} s = "

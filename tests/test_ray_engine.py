@@ -207,8 +207,8 @@ def test_the_actor_pool_scores_the_rows_the_local_path_scores(
     local_ray: Any, archive: Path, tiny_package: Callable[..., Path], tmp_path: Path
 ) -> None:
     from osteoscan.manifest import read_manifest
+    from osteoscan.scan.engines.ray_cluster import scored_batches
     from osteoscan.scan.engines.ray_data import RayEngine
-    from osteoscan.scan.engines.ray_score import scored_batches
     from osteoscan.scan.plan import run_key_for
     from osteoscan.scan.score import Scorer, load_models
 
@@ -308,7 +308,7 @@ def test_a_scan_through_the_ray_engine_writes_the_local_scans_outputs(
 
 KILLED_DRIVER = """
 import os, time
-from osteoscan.scan.engines.ray_data import RaySession, _stat
+from osteoscan.scan.engines.ray_cluster import RaySession, _stat
 session = RaySession(num_cpus=1)
 ppid = {int(p): int(f[1]) for p in os.listdir("/proc") if p.isdigit() and (f := _stat(p))}
 kids, frontier = [], {os.getpid()}

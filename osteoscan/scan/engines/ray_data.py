@@ -1,13 +1,14 @@
 """The Ray Data engine: the load stage as Ray CPU tasks, on this machine or on a cluster.
 
 The driver (the ``scan`` process) keeps everything with state: discovery, planning, scoring (or
-see :mod:`.ray_score` for an actor pool), recording and export. Only the load stage moves:
+see :mod:`.ray_cluster` for an actor pool), recording and export. Only the load stage moves:
 
-- the planned files become a dataset of small descriptors (``ray.data.from_items``: index and the
-  pickled :class:`~osteoscan.discover.Found`, a few hundred bytes a file - file names need not be
-  UTF-8, so they travel pickled, not as Arrow strings);
-- ``map_batches`` runs the :class:`~osteoscan.load.Loader` on them as CPU tasks, a few files a
-  task, with the same per-file guards as the local engine (:class:`RayReader`: soft time limit,
+- the planned files become a dataset of small descriptors (``ray.data.from_items``: chunks of a
+  few files, each file its index and pickled :class:`~osteoscan.discover.Found` - file names need
+  not be UTF-8, so they travel pickled, not as Arrow strings), at most :data:`WINDOW` files a
+  dataset;
+- ``map_batches`` runs the :class:`~osteoscan.load.Loader` on them as CPU tasks, a chunk a call,
+  with the same per-file guards as the local engine (:class:`RayReader`: soft time limit,
   address-space cap, hard watchdog);
 - the driver iterates the result as a stream (Ray Data's streaming executor holds back the tasks
   when the driver falls behind: memory stays bounded over any archive), restores file order and
@@ -26,145 +27,33 @@ received (at most :data:`MAX_RESTARTS` times); the ledger survives, so a culprit
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import os
 import pickle
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osteoscan.discover import Found
-from osteoscan.errors import OsteoscanError, UsageError
+from osteoscan.errors import OsteoscanError
 from osteoscan.frames import ImageFrame
 from osteoscan.guards import GuardLimits, Watchdog, limit_memory, orphaned_inflight
 from osteoscan.load import LoadedFrame, Loader
 from osteoscan.scan.batch import FrameBatch, collate_frames
 from osteoscan.scan.engines.local import GuardedReader
+from osteoscan.scan.engines.ray_cluster import RaySession, block, dumps
 
 if TYPE_CHECKING:
     import pyarrow as pa  # type: ignore[import-untyped]
 
-INSTALL_HINT = 'the Ray engine needs Ray: pip install -e ".[distributed]"'
 MAX_RESTARTS = 20
 WINDOW = 20_000  # files in one dataset
 MAX_BLOCKS = 2_000  # blocks in one dataset
 # Benchmarks only: read each file this many times (a decode made artificially CPU-heavy).
 DECODE_REPEAT_ENV = "OSTEOSCAN_RAY_DECODE_REPEAT"
+_INITIALISED: int | None = None  # pid of the Ray worker whose reader stack is set up
 DIED = "the reader process died on this file (a decoder crash or the hard time limit)"
-
-
-def import_ray() -> Any:
-    """``ray`` with Ray Data, or :class:`UsageError` (exit 2) saying how to install it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401 - the extra, not only the core
-    except ImportError as exc:
-        raise UsageError(INSTALL_HINT) from exc
-    return ray
-
-
-class RaySession:
-    """Connects to Ray for one scan: joins ``address``, reuses a connection already made, or
-    starts a local Ray sized to this machine; :meth:`close` stops what it began.
-
-    A local Ray listens on loopback only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when
-    ``ray`` is first imported: Ray's single-machine mode) and sends no usage statistics. Its head
-    processes die with the scan (Ray's own fate sharing), except two agents that outlive a
-    SIGKILLed driver; a small reaper process (:data:`_REAPER`) ends them then.
-    """
-
-    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if not address:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        self.ray = import_ray()
-        self.started = False
-        self._reaper: subprocess.Popen[bytes] | None = None
-        # Ray Data's banners and stats would interleave with the scan's own progress lines
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        if self.ray.is_initialized():
-            return  # a test fixture or the caller connected already: theirs to shut down
-        common: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
-        if address:
-            self.ray.init(address=address, **common)
-        else:
-            from osteoscan.runtime import cpu_count
-
-            self.ray.init(num_cpus=num_cpus or cpu_count(), include_dashboard=False,
-                          _node_ip_address="127.0.0.1", **common)  # fmt: skip
-            self._reaper = _start_reaper()
-        self.started = True
-
-    def cpus(self) -> int:
-        """CPUs the cluster offers (at least 1)."""
-        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
-
-    def gpus(self) -> int:
-        """GPUs the cluster offers."""
-        return int(self.ray.cluster_resources().get("GPU", 0))
-
-    def close(self) -> None:
-        """Shut down (or disconnect from) Ray if this session connected."""
-        if self.started and self.ray.is_initialized():
-            self.ray.shutdown()
-        self.started = False
-        if self._reaper is not None and self._reaper.stdin is not None:
-            self._reaper.stdin.close()  # EOF: it ends whatever the shutdown left behind
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._reaper.wait(timeout=10)
-            self._reaper = None
-
-
-# Waits for EOF on stdin (the scan ended, however), then ends the listed processes that still
-# are the ones it was given (pid and start time: a reused pid is left alone).
-_REAPER = """
-import os, sys, time
-def start(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return int(fh.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-procs = [tuple(map(int, a.split(":"))) for a in sys.argv[1:]]
-sys.stdin.buffer.read()
-for sig in (15, 9):
-    for pid, t in procs:
-        if start(pid) == t:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-    time.sleep(1)
-"""
-
-
-def _stat(pid: int | str) -> list[bytes]:
-    """Fields of ``/proc/PID/stat`` after the command name (state, ppid, ...); [] if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
-
-def _start_reaper() -> subprocess.Popen[bytes] | None:
-    """A reaper for the processes the local Ray start left under this one (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    stats = {int(e): f for e in os.listdir("/proc") if e.isdigit() and len(f := _stat(e)) > 19}
-    mine, frontier = [], {os.getpid()}
-    while frontier:  # descendants, generation by generation
-        frontier = {pid for pid, f in stats.items() if int(f[1]) in frontier}
-        mine += sorted(frontier)
-    args = [f"{pid}:{int(stats[pid][19])}" for pid in mine]
-    return subprocess.Popen([sys.executable, "-c", _REAPER, *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
 
 
 class RayReader(GuardedReader):
@@ -231,12 +120,15 @@ class _LoadTask:
     blame_after: int
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from osteoscan.runtime import worker_init
+        global _INITIALISED
+        if os.getpid() != _INITIALISED:  # once per Ray worker: one OpenCV and torch thread
+            from osteoscan.runtime import worker_init
 
-        worker_init()  # one OpenCV/torch thread; idempotent
+            worker_init()
+            _INITIALISED = os.getpid()
         chunks = [pickle.loads(blob) for blob in table.column("f").to_pylist()]
-        out = [_dumps([self._file(i, found) for i, found in chunk]) for chunk in chunks]
-        return _table(table.column("c").to_pylist(), out)
+        out = [dumps([self._file(i, found) for i, found in chunk]) for chunk in chunks]
+        return block(table.column("c").to_pylist(), out)
 
     def _file(self, i: int, found: Found) -> list[LoadedFrame]:
         import ray
@@ -258,18 +150,6 @@ class _LoadTask:
         for path, why, _ in orphaned_inflight(inflight) if inflight else []:
             ray.get(self.ledger.note.remote(path, why))
         return ray.get(self.ledger.reason.remote(str(found.path))) or DIED
-
-
-def _dumps(obj: Any) -> bytes:
-    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _table(chunk_ids: list[int], payloads: list[bytes]) -> pa.Table:
-    """A block of the stream: chunk number and its pickled per-file payloads."""
-    import pyarrow as pa
-
-    return pa.table({"c": pa.array(chunk_ids, pa.int64()),
-                     "out": pa.array(payloads, pa.large_binary())})  # fmt: skip
 
 
 def load_file(found: Found, loader: Loader) -> list[LoadedFrame]:
@@ -349,7 +229,7 @@ class RayEngine:
         chunk: int | None = None,
     ) -> Iterator[Any]:
         """Per file, in file order: its load-stage records, or, when ``then`` adds stages to the
-        dataset (:mod:`.ray_score`), the last stage's payload for it.
+        dataset (:mod:`.ray_cluster`), the last stage's payload for it.
 
         Files travel in chunks of ``chunk`` (default ``files_per_task``): one row of the dataset,
         loaded by one task call and handed whole to the next stage. One dataset covers at most
@@ -386,7 +266,7 @@ class RayEngine:
         import ray.data
 
         chunks = [items[k : k + size] for k in range(0, len(items), size)]
-        rows = [{"c": c, "f": _dumps(chunk)} for c, chunk in enumerate(chunks)]
+        rows = [{"c": c, "f": dumps(chunk)} for c, chunk in enumerate(chunks)]
         n_blocks = min(len(rows), MAX_BLOCKS)  # one chunk a task, unless very many
         source = ray.data.from_items(rows, override_num_blocks=n_blocks)
         # Order from Ray itself (this dataset's own copy of the context); the reorder buffer
