@@ -307,9 +307,13 @@ def test_a_scan_through_the_ray_engine_writes_the_local_scans_outputs(
 
 
 KILLED_DRIVER = """
-import os, time
+import os, signal, time
 from osteoscan.scan.engines.ray_cluster import RaySession, _stat
+def stop(signum, frame):  # the scan's own: stop after the current batch
+    pass
+signal.signal(signal.SIGTERM, stop)
 session = RaySession(num_cpus=1)
+assert signal.getsignal(signal.SIGTERM) is stop, "ray.init took over SIGTERM"
 ppid = {int(p): int(f[1]) for p in os.listdir("/proc") if p.isdigit() and (f := _stat(p))}
 kids, frontier = [], {os.getpid()}
 while frontier:  # every descendant: Ray's agents are the raylet's children
@@ -331,7 +335,9 @@ def _alive(pid: int) -> bool:
 @needs_ray
 @pytest.mark.slow  # starts its own Ray in a subprocess (about 20 s here)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_nothing_of_a_local_ray_outlives_a_killed_scan(tmp_path: Path) -> None:
+def test_a_local_ray_keeps_the_scans_sigterm_and_nothing_of_it_outlives_a_killed_scan(
+    tmp_path: Path,
+) -> None:
     import signal
     import subprocess
 
