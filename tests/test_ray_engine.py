@@ -72,6 +72,22 @@ class HangOn:
             return guarded_read(path, kind)
 
 
+def _probe_class() -> type:
+    """A reader that reports its worker's thread count instead of reading (RayReader's guards
+    set up as for a real file)."""
+    import threading
+
+    from osteoscan.guards import error_frame
+    from osteoscan.scan.engines.ray_data import RayReader
+
+    class Probe(RayReader):
+        def __call__(self, path: str | Path, kind: str | None = None) -> list:
+            self._setup()
+            return [error_frame(path, f"{os.getpid()} {threading.active_count()}")]
+
+    return Probe
+
+
 def test_without_ray_the_engine_asks_for_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from osteoscan.scan.engines import ray_data
 
@@ -181,6 +197,24 @@ def test_a_reader_process_crash_is_an_error_record_and_the_rest_complete(
     expected = {Path(r.path).name: r.status for b in local.batches(files, _loader(False))
                 for r in b.records}  # fmt: skip
     assert all(r.status == expected[n] for n, rs in by_path.items() if n != "s1.png" for r in rs)
+
+
+@needs_ray
+def test_the_per_file_guards_are_set_up_once_per_worker_process(
+    local_ray: Any, archive: Path, tmp_path: Path
+) -> None:
+    """Ray hands each task a fresh copy of the reader: its watchdog thread must not pile up."""
+    from osteoscan.scan.engines.ray_data import RayEngine
+
+    files = [f for f in _files(archive, tmp_path) if f.kind != "broken"][:12]
+    probe = _probe_class()(GuardLimits(), tmp_path / "inflight")
+    with RayEngine(4, tmp_path / "inflight", workers=2, files_per_task=1, read=probe) as engine:
+        reports = [r.reason.split() for b in engine.batches(files, _loader()) for r in b.records]
+    threads: dict[str, list[int]] = {}
+    for pid, count in reports:
+        threads.setdefault(pid, []).append(int(count))
+    assert len(reports) == len(files)
+    assert all(max(c) - min(c) <= 1 for c in threads.values()), threads
 
 
 @needs_ray

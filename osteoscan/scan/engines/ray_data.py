@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -52,6 +53,7 @@ WINDOW = 20_000  # files in one dataset
 MAX_BLOCKS = 2_000  # blocks in one dataset
 # Benchmarks only: read each file this many times (a decode made artificially CPU-heavy).
 DECODE_REPEAT_ENV = "OSTEOSCAN_RAY_DECODE_REPEAT"
+_PROCESS_DOGS: dict[tuple[int, str | None, float | None], Watchdog] = {}
 _INITIALISED: int | None = None  # pid of the Ray worker whose reader stack is set up
 DIED = "the reader process died on this file (a decoder crash or the hard time limit)"
 
@@ -74,11 +76,22 @@ class RayReader(GuardedReader):
         self.__init__(state["limits"], state["inflight_dir"], state.get("repeat", 1))  # type: ignore[misc]
 
     def _setup(self) -> Watchdog:
-        if self._pid != os.getpid() or self._dog is None:
-            limit_memory(self.limits.memory_bytes)
-            self._dog = Watchdog(self.inflight_dir, self.limits.hard_seconds)
-            self._pid = os.getpid()
-        return self._dog
+        # Ray hands each task a fresh copy of this reader: the cap and the watchdog (a thread,
+        # an open log) are per process, kept at module level, made by the first task only.
+        key = (os.getpid(), self.inflight_dir, self.limits.hard_seconds)
+        if key not in _PROCESS_DOGS:
+            if not any(k[0] == key[0] for k in _PROCESS_DOGS):
+                limit_memory(self.limits.memory_bytes)
+            try:
+                _PROCESS_DOGS[key] = Watchdog(self.inflight_dir, self.limits.hard_seconds)
+            except OSError:  # another node, where the driver's folder cannot be made
+                local = Path(tempfile.gettempdir()) / f"osteoscan-inflight-{os.getuid()}"
+                _PROCESS_DOGS[key] = Watchdog(local, self.limits.hard_seconds)
+        dog = _PROCESS_DOGS[key]
+        if dog.dir is not None and str(dog.dir) != self.inflight_dir:  # the local fallback
+            self.inflight_dir = str(dog.dir)  # where _LoadTask._cause looks for dead readers
+            _PROCESS_DOGS[(key[0], self.inflight_dir, key[2])] = dog
+        return dog
 
     def __call__(self, path: str | Path, kind: str | None = None) -> list[ImageFrame]:
         for _ in range(self.repeat - 1):
