@@ -205,19 +205,26 @@ class ScoredBatch:
 
 
 class ScoringActor:
-    """One Ray actor holding the models: a block of loaded files in, their scored rows out.
+    """One Ray actor holding the models: chunks of loaded files in, their scored rows out.
 
     ``key``: the run key the driver planned with; an actor that loads other packages (one
-    replaced meanwhile) refuses to score, as the local path does.
+    replaced meanwhile) refuses to score, as the local path does. ``threads``: torch threads on
+    CPU (the CPUs Ray reserved for the actor, so decode tasks keep theirs).
     """
 
-    def __init__(self, cfg: ScanConfig, key: str, device: str, heatmaps_flagged: bool) -> None:
+    def __init__(
+        self, cfg: ScanConfig, key: str, device: str, heatmaps_flagged: bool, threads: int = 1
+    ) -> None:
+        import torch
+
         from osteoscan.runtime import configure_cpu, select_device
         from osteoscan.scan.plan import run_key_for
         from osteoscan.scan.score import Scorer, load_models
 
         dev = select_device(device)
-        configure_cpu(dev, 0)  # the actor's own cores go to torch
+        configure_cpu(dev, 0)
+        if dev.type == "cpu":
+            torch.set_num_threads(max(1, threads))
         models = load_models(cfg.models, dev)
         if run_key_for(cfg, [m.manifest for m in models]) != key:
             raise OsteoscanError("a model package changed while this scan was running")
@@ -225,7 +232,6 @@ class ScoringActor:
         self.scorer.heatmaps_flagged = self.scorer.heatmaps_flagged or heatmaps_flagged
 
     def __call__(self, table: pa.Table) -> pa.Table:
-
         out = [dumps(self._chunk(pickle.loads(blob))) for blob in table.column("out").to_pylist()]
         return block(table.column("c").to_pylist(), out)
 
@@ -254,12 +260,14 @@ def scored_batches(
     key: str,
     *,
     actors: int | None = None,
+    cpus_per_actor: int = 1,
     heatmaps_flagged: bool = False,
 ) -> Iterator[ScoredBatch]:
     """Load tasks → :class:`ScoringActor` pool → :class:`ScoredBatch` of ``cfg.batch_size`` files.
 
     ``actors``: the pool size (default: one per GPU of the cluster, else one on CPU). With GPUs
-    each actor takes one and scores on ``cuda``; on CPU each takes one CPU and scores on it.
+    each actor takes one and scores on ``cuda``; on CPU each takes ``cpus_per_actor`` CPUs (as
+    torch threads). ``heatmaps_flagged``: as the driver's ``Scorer`` with ``--dicom-heatmaps``.
     """
     import ray.data
 
@@ -276,12 +284,13 @@ def scored_batches(
                 "key": key,
                 "device": device,
                 "heatmaps_flagged": heatmaps_flagged,
-            },  # fmt: skip
+                "threads": cpus_per_actor,
+            },
             batch_size=1,  # one chunk: the batch_size files the local path would collate
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=size),
             num_gpus=1 if gpus else 0,
-            num_cpus=0 if gpus else 1,
+            num_cpus=0 if gpus else cpus_per_actor,
         )
 
     pending: list[tuple[list[ScoredRow], list[Lookup]]] = []

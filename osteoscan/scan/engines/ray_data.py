@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     import pyarrow as pa  # type: ignore[import-untyped]
 
 MAX_RESTARTS = 20
+MAX_STALLS = 3  # restarts in a row that yielded nothing
 WINDOW = 20_000  # files in one dataset
 MAX_BLOCKS = 2_000  # blocks in one dataset
 # Benchmarks only: read each file this many times (a decode made artificially CPU-heavy).
@@ -249,11 +250,10 @@ class RayEngine:
         :data:`WINDOW` files (the driver's descriptors stay small on any archive). When Ray
         gives up on a dataset, a new one covers the files not yet yielded.
         """
-        ray = self.session.ray
         task = _LoadTask(dataclasses.replace(loader, read=self.read), self._ledger,
                          self.blame_after)  # fmt: skip
         size = max(1, int(chunk or self.files_per_task))
-        items = list(enumerate(files))
+        items, stalled = list(enumerate(files)), 0
         while items:
             done = 0
             try:
@@ -262,8 +262,13 @@ class RayEngine:
                         done += 1
                         yield out
                 return
-            except ray.exceptions.RayError as exc:
-                if self.restarts >= MAX_RESTARTS:
+            except OsteoscanError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Ray's, or wrapped by Ray Data; see below
+                # A dataset Ray gave up on: go on with the files not yet yielded, unless that
+                # keeps failing with no progress (then it is not a file's fault: a real failure)
+                stalled = 0 if done else stalled + 1
+                if self.restarts >= MAX_RESTARTS or stalled >= MAX_STALLS:
                     raise OsteoscanError(f"the Ray load stage failed: {exc}") from exc
                 self.restarts += 1
                 items = items[done:]
