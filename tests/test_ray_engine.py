@@ -6,6 +6,7 @@ down after; they skip when Ray (the ``distributed`` extra) is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -279,6 +280,17 @@ def test_the_actor_pool_scores_the_rows_the_local_path_scores(
     assert driver.tally.summary() == local_scorer.tally.summary()
 
 
+def _ray_engines(made: list[Any]) -> Callable[..., Any]:
+    """Stands in for ``LocalEngine`` in the orchestrator: a 2-worker RayEngine, kept in ``made``."""
+    from osteoscan.scan.engines.ray_data import RayEngine
+
+    def make(device: Any, workers: int, batch_size: int, inflight: Path, limits: Any) -> Any:
+        made.append(RayEngine(batch_size, inflight, limits, workers=2))
+        return made[-1]
+
+    return make
+
+
 def _scan(cfg: ScanConfig) -> dict[str, Any]:
     """Run the scan; the CSV rows (no ``scanned_at``), flagged rows and HDF5 arrays it wrote."""
     import csv
@@ -310,7 +322,6 @@ def test_a_scan_through_the_ray_engine_writes_the_local_scans_outputs(
 ) -> None:
     """The orchestrator unchanged, its engine swapped: identical CSV, flagged list and HDF5."""
     from osteoscan.scan.engines import local as local_module
-    from osteoscan.scan.engines.ray_data import RayEngine
 
     def cfg_in(folder: str) -> ScanConfig:
         out = tmp_path / folder
@@ -319,13 +330,8 @@ def test_a_scan_through_the_ray_engine_writes_the_local_scans_outputs(
                           device="cpu")  # fmt: skip
 
     local = _scan(cfg_in("local"))
-    made: list[RayEngine] = []
-
-    def ray_engine(device: Any, workers: int, batch_size: int, inflight: Path, limits: Any) -> Any:
-        made.append(RayEngine(batch_size, inflight, limits, workers=2))
-        return made[-1]
-
-    monkeypatch.setattr(local_module, "LocalEngine", ray_engine)
+    made: list[Any] = []
+    monkeypatch.setattr(local_module, "LocalEngine", _ray_engines(made))
     ours = _scan(cfg_in("ray"))
     assert len(made) == 1 and made[0].restarts == 0
     made[0].close()
@@ -388,3 +394,71 @@ def test_a_local_ray_keeps_the_scans_sigterm_and_nothing_of_it_outlives_a_killed
     while any(_alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [k for k in kids if _alive(k)]
+
+
+RAY_SCAN = """
+import sys
+from pathlib import Path
+from osteoscan.scan.engines import local
+from osteoscan.scan.engines.ray_data import RayEngine
+from osteoscan.scan.config import ScanConfig
+from osteoscan.scan.pipeline import run_scan
+
+def ray_engine(device, workers, batch_size, inflight, limits):
+    return RayEngine(batch_size, inflight, limits, workers=2)
+
+local.LocalEngine = ray_engine  # the engine a --engine ray scan runs, orchestrator unchanged
+arch, out, pkg = map(Path, sys.argv[1:4])
+run_scan(ScanConfig(paths=[arch], out=out / "results.csv", models=[pkg], hdf5=out / "results.h5",
+                    body_part="knee", batch_size=3, workers=0, device="cpu"))
+"""
+
+
+@needs_ray
+@pytest.mark.slow  # two scans that each start a Ray (about a minute here)
+def test_a_killed_ray_scan_resumes_to_the_uninterrupted_outputs(
+    local_ray: Any,
+    archive: Path,
+    tiny_package: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import signal
+    import sqlite3
+    import subprocess
+
+    from osteoscan.scan.engines import local as local_module
+
+    def cfg_in(out: Path) -> ScanConfig:
+        return ScanConfig(paths=[archive], out=out / "results.csv", models=[tiny_package()],
+                          hdf5=out / "results.h5", body_part="knee", batch_size=3, workers=0,
+                          device="cpu")  # fmt: skip
+
+    reference = _scan(cfg_in(tmp_path / "ref"))
+    for trial, at_rows in enumerate((3, 12)):
+        out = tmp_path / f"kill{trial}"
+        proc = subprocess.Popen([sys.executable, "-c", RAY_SCAN, str(archive), str(out),
+                                 str(tiny_package())], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        db, deadline, seen = out / "results.state.sqlite", time.monotonic() + 180, 0
+        while proc.poll() is None and time.monotonic() < deadline and seen < at_rows:
+            time.sleep(0.05)
+            with contextlib.suppress(sqlite3.Error):
+                if db.exists():
+                    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05)
+                    seen = int(conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+                    conn.close()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert 0 < seen < len(reference["rows"]), f"killed at {seen} rows: not mid-run"
+        made: list[Any] = []
+        with monkeypatch.context() as mp:  # the next night's run, with the Ray engine again
+            mp.setattr(local_module, "LocalEngine", _ray_engines(made))
+            again = _scan(cfg_in(out))
+        made[0].close()
+        assert again["rows"] == reference["rows"] and again["flagged"] == reference["flagged"]
+        for key, value in reference["hdf5"].items():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                np.testing.assert_allclose(again["hdf5"][key], value, atol=1e-6, err_msg=key)
+            elif key != "attrs":
+                assert np.array_equal(again["hdf5"][key], value), key
