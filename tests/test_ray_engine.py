@@ -186,6 +186,9 @@ def test_a_reader_process_crash_is_an_error_record_and_the_rest_complete(
     inflight = tmp_path / "inflight"
     with RayEngine(4, inflight, workers=2, read=CrashOn("s1.png", inflight)) as engine:
         records = [r for b in engine.batches(files, _loader(False)) for r in b.records]
+        # a second list through the same engine (a scan's heatmap pass): nobody blamed again
+        rest = [f for f in files if f.path.name != "s1.png"]
+        again = [r for b in engine.batches(rest, _loader(False)) for r in b.records]
     by_path: dict[str, list[LoadedFrame]] = {}
     for r in records:
         by_path.setdefault(Path(r.path).name, []).append(r)
@@ -198,6 +201,9 @@ def test_a_reader_process_crash_is_an_error_record_and_the_rest_complete(
     expected = {Path(r.path).name: r.status for b in local.batches(files, _loader(False))
                 for r in b.records}  # fmt: skip
     assert all(r.status == expected[n] for n, rs in by_path.items() if n != "s1.png" for r in rs)
+    assert [(r.path, r.status) for r in again] == [
+        (r.path, r.status) for r in records if Path(r.path).name != "s1.png"
+    ]
 
 
 @needs_ray

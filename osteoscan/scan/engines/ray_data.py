@@ -207,7 +207,7 @@ class RayEngine:
         self.blame_after = max(1, int(blame_after))
         repeat = int(os.environ.get(DECODE_REPEAT_ENV, "1") or 1)
         self.read = read or RayReader(limits or GuardLimits(), inflight_dir, repeat)
-        self.restarts = 0
+        self.restarts, self._issued = 0, 0
         # started now (its process boots while the driver plans), used by every dataset
         self._ledger: Any = self.session.ray.remote(num_cpus=0)(_Ledger).remote()
 
@@ -253,7 +253,9 @@ class RayEngine:
         task = _LoadTask(dataclasses.replace(loader, read=self.read), self._ledger,
                          self.blame_after)  # fmt: skip
         size = max(1, int(chunk or self.files_per_task))
-        items, stalled = list(enumerate(files)), 0
+        # ledger ids unique over the engine's life: a scan streams several file lists
+        items, stalled = list(enumerate(files, start=self._issued)), 0
+        self._issued += len(items)
         while items:
             done = 0
             try:
