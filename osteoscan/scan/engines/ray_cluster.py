@@ -62,7 +62,8 @@ class RaySession:
     starts a local Ray sized to this machine; :meth:`close` stops what it began.
 
     A local Ray listens on loopback only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when
-    ``ray`` is first imported: Ray's single-machine mode) and sends no usage statistics. Its head
+    ``ray`` is first imported: Ray's single-machine mode), requires Ray's token (kept in
+    ``~/.ray/auth_token``, made by Ray when missing) and sends no usage statistics. Its head
     processes die with the scan (Ray's own fate sharing), except two agents that outlive a
     SIGKILLed driver; a small reaper process (:data:`_REAPER`) ends them then.
     """
@@ -71,6 +72,8 @@ class RaySession:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if not address:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            # token authentication (Ray's default for a local start), said so: no banner
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         self.ray = import_ray()
         self.started = False
         self._reaper: subprocess.Popen[bytes] | None = None
