@@ -468,3 +468,39 @@ def test_a_killed_ray_scan_resumes_to_the_uninterrupted_outputs(
                 np.testing.assert_allclose(again["hdf5"][key], value, atol=1e-6, err_msg=key)
             elif key != "attrs":
                 assert np.array_equal(again["hdf5"][key], value), key
+
+
+JOIN = """
+import sys
+from pathlib import Path
+from osteoscan.load import Loader
+from osteoscan.preprocess import PreprocessConfig
+from osteoscan.scan.config import ScanConfig
+from osteoscan.scan.engines.ray_data import RayEngine
+from osteoscan.scan.plan import discover_files
+from osteoscan.scan.routing import Router
+
+files, _ = discover_files(ScanConfig(paths=[Path(sys.argv[2])], out=Path("unused.csv")))
+engine = RayEngine(4, Path("inflight"), address=sys.argv[1])
+loader = Loader(Router([["knee"]], ["the model"], "knee"), [PreprocessConfig(size=64)])
+n = sum(b.n_files for b in engine.batches(files, loader))
+print(engine.workers, n, len(files))
+engine.close()
+"""
+
+
+@needs_ray
+@pytest.mark.slow  # a second driver joins the module's Ray (about 20 s here)
+def test_with_an_address_the_engine_joins_the_cluster_and_leaves_it_running(
+    local_ray: Any, archive: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    address = local_ray.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-c", JOIN, address, str(archive)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    workers, n, expected = map(int, proc.stdout.split()[-3:])
+    assert workers == 2 and n == expected > 0  # every CPU of the cluster; every file once
+    assert local_ray.is_initialized()
+    assert local_ray.get(local_ray.remote(lambda: 7).remote()) == 7  # the cluster still serves
