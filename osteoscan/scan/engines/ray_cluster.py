@@ -70,7 +70,7 @@ class RaySession:
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if not address:
+        if not address and "ray" not in sys.modules:  # both are read once, by Ray's import
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             # token authentication (Ray's default for a local start), said so: no banner
             os.environ.setdefault("RAY_AUTH_MODE", "token")
