@@ -6,7 +6,7 @@ fields, the state stores :meth:`ResultRow.as_dict`, and the writers format each 
 :func:`format_value`. Column order (README, "What you get")::
 
     path, frame, image_id, status, reason, body_part, model, p_<class>..., prediction,
-    score, threshold, flagged, uncertainty, heatmap, scanned_at, covariates
+    score, threshold, flagged, uncertainty, [tscore,] heatmap, scanned_at, covariates
     [, patient_id, accession_number]
 
 Times are UTC, ISO 8601 to the second with a ``Z`` (``2026-11-30T10:14:25Z``), everywhere.
@@ -44,9 +44,11 @@ COLUMNS_AFTER_PROBS: tuple[str, ...] = (
     "prediction", "score", "threshold", "flagged", "uncertainty", "heatmap", "scanned_at",
     "covariates",
 )  # fmt: skip
+# Only in the results of T-score models (``train --target tscore``), after ``uncertainty``.
+TSCORE_COLUMN = "tscore"
 # Identifier columns, appended only with --include-phi.
 PHI_COLUMNS: tuple[str, ...] = ("patient_id", "accession_number")
-_FLOAT_COLUMNS = frozenset({"score", "threshold", "uncertainty"})
+_FLOAT_COLUMNS = frozenset({"score", "threshold", "uncertainty", "tscore"})
 
 
 def utc_now() -> str:
@@ -62,9 +64,13 @@ def union_classes(class_lists: Iterable[Sequence[str]]) -> list[str]:
     return out
 
 
-def result_columns(classes: Sequence[str], *, phi: bool = False) -> list[str]:
-    """The results.csv header for models with ``classes`` (plus identifiers when ``phi``)."""
-    cols = [*COLUMNS_BEFORE_PROBS, *(f"p_{c}" for c in classes), *COLUMNS_AFTER_PROBS]
+def result_columns(classes: Sequence[str], *, phi: bool = False, tscore: bool = False) -> list[str]:
+    """The results.csv header for models with ``classes`` (plus the predicted T-score when a
+    model predicts one, ``tscore``, and identifiers when ``phi``)."""
+    after = list(COLUMNS_AFTER_PROBS)
+    if tscore:
+        after.insert(after.index("uncertainty") + 1, TSCORE_COLUMN)
+    cols = [*COLUMNS_BEFORE_PROBS, *(f"p_{c}" for c in classes), *after]
     return [*cols, *PHI_COLUMNS] if phi else cols
 
 
@@ -101,6 +107,7 @@ class ResultRow:
     threshold: float | None = None
     flagged: bool | None = None
     uncertainty: float | None = None
+    tscore: float | None = None  # predicted T-score (T-score models only; osteoscan.scan.score)
     heatmap: str | None = None
     covariates: str = ""
     phi: dict[str, str] = field(default_factory=dict)  # only with --include-phi
@@ -129,6 +136,7 @@ class ResultRow:
         out: dict[str, Any] = {c: getattr(self, c) for c in COLUMNS_BEFORE_PROBS}
         out.update({f"p_{c}": float(p) for c, p in self.probs.items()})
         out.update({c: getattr(self, c) for c in COLUMNS_AFTER_PROBS})
+        out[TSCORE_COLUMN] = self.tscore
         out.update(self.phi)
         return out
 
@@ -153,7 +161,8 @@ class ResultRow:
                    if k.startswith("p_") and v not in (None, "")},
             prediction=data.get("prediction") or None, score=num("score"),
             threshold=num("threshold"), flagged=None if flagged is None else bool(flagged),
-            uncertainty=num("uncertainty"), heatmap=data.get("heatmap") or None,
+            uncertainty=num("uncertainty"), tscore=num("tscore"),
+            heatmap=data.get("heatmap") or None,
             covariates=str(data.get("covariates") or ""),
             phi={k: str(data[k]) for k in PHI_COLUMNS if k in data},
         )  # fmt: skip

@@ -109,7 +109,8 @@ class Hdf5ResultsWriter:
     Datasets (row-aligned, N = scored rows): ``path``, ``image_id``, ``model`` (UTF-8 strings),
     ``frame`` (int32), ``probs`` (N×C float32, NaN for classes a row's model lacks),
     ``member_probs`` (N×M×C float32, NaN-padded when models have fewer members), ``score``,
-    ``uncertainty`` (float32), ``flagged`` (bool), ``has_heatmap`` (bool) and ``heatmaps``
+    ``uncertainty``, ``tscore`` (float32; NaN unless the row's model predicts T-scores),
+    ``flagged`` (bool), ``has_heatmap`` (bool) and ``heatmaps``
     (N×h×w float16 in [0, 1], one chunk per image, gzip; zeros where ``has_heatmap`` is false),
     the heatmaps' transform back to the radiograph: ``source_shape`` (N×2: H, W of the image
     read), ``crop_box`` (N×4: top, left, bottom, right of the model's region in it) and
@@ -156,6 +157,8 @@ class Hdf5ResultsWriter:
         try:
             if any(ds.shape[0] != n_rows for ds in h5.values()):
                 raise ValueError(f"{path} does not hold the {n_rows} rows recorded")
+            if "tscore" not in h5:  # written before the column existed: rewrite it whole
+                raise ValueError(f"{path} has no tscore dataset")
             self = cls.__new__(cls)
             self.path, self._file, self._h5, self.n_rows = Path(path), None, h5, n_rows
             self.classes = list(json.loads(h5.attrs["classes"]))
@@ -174,7 +177,7 @@ class Hdf5ResultsWriter:
         for name in ("path", "image_id", "model"):
             h5.create_dataset(name, (0,), maxshape=(None,), dtype=text, chunks=(1024,))
         h5.create_dataset("frame", (0,), maxshape=(None,), dtype="i4", chunks=(1024,))
-        for name in ("score", "uncertainty"):
+        for name in ("score", "uncertainty", "tscore"):
             h5.create_dataset(name, (0,), maxshape=(None,), dtype="f4", chunks=(1024,))
         for name in ("flagged", "has_heatmap"):
             h5.create_dataset(name, (0,), maxshape=(None,), dtype="?", chunks=(1024,))
@@ -223,6 +226,8 @@ class Hdf5ResultsWriter:
             h5["frame"][start:stop] = [r.frame for r in rows]
             h5["score"][start:stop] = [float(r.score or 0.0) for r in rows]
             h5["uncertainty"][start:stop] = [float(r.uncertainty or 0.0) for r in rows]
+            # NaN for rows of models that predict no T-score
+            h5["tscore"][start:stop] = [np.nan if r.tscore is None else r.tscore for r in rows]
             h5["flagged"][start:stop] = [r.is_flagged for r in rows]
             h5["probs"][start:stop] = probs.astype(np.float32)
             h5["member_probs"][start:stop] = member_probs.astype(np.float32)

@@ -91,6 +91,23 @@ def test_missing_archive_is_a_usage_error(tiny_package, tmp_path: Path, capsys) 
     assert not (tmp_path / "r.csv").exists()
 
 
+def test_scan_report_writes_the_review_page_with_thumbnails(
+    folder: Path, tiny_package, tmp_path: Path
+) -> None:
+    html = tmp_path / "page" / "report.html"
+    res = runner.invoke(app, ["scan", str(folder), "--out", str(tmp_path / "r.csv"), "--model",
+                              str(tiny_package()), "--workers", "0", "--threshold", "0", "-q",
+                              "--report", str(html)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert f"review page: {html}" in res.output
+    _, rows = _rows(tmp_path / "r.csv")
+    flagged = [r for r in rows if r["flagged"] == "true"]
+    page = html.read_text()
+    assert flagged and all(r["image_id"] in page for r in flagged)
+    # without --heatmaps the PNGs the thumbnails come from go beside the page
+    assert all(Path(r["heatmap"]).is_file() and str(html.parent) in r["heatmap"] for r in flagged)
+
+
 def test_error_rows_still_exit_0_and_only_bad_files(tiny_package, tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.png").write_bytes(np.zeros(10, np.uint8).tobytes())

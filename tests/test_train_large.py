@@ -66,17 +66,21 @@ def test_renderers_show_forward_progress_and_throughput() -> None:
         TrainEvent("member_start", n_epochs=2),
         TrainEvent("progress", message="probe features", step=32, n_steps=64),
         TrainEvent("progress", message="probe features", step=64, n_steps=64),
+        TrainEvent("epoch_start", epoch=1, n_epochs=2, stage="finetune", n_steps=10),
+        TrainEvent("batch", epoch=1, n_epochs=2, stage="finetune", step=4, n_steps=10,
+                   metrics={"loss": 1.25}),  # fmt: skip
         TrainEvent("epoch_end", epoch=1, n_epochs=2, stage="finetune",
                    metrics={"train_loss": 1.0, "val_loss": 1.1, "val_auc": 0.8, "seconds": 9.0,
                             "train_img_s": 15.4, "val_img_s": 26.0}),
     ]  # fmt: skip
     buf = io.StringIO()
-    log = LogRenderer(Console(file=buf, width=200), read_every=0.0)
+    log = LogRenderer(Console(file=buf, width=200), read_every=0.0, batch_every=0.0)
     for ev in events:
         log(ev)
     text = buf.getvalue()
     assert "probe features: 32/64 images" in text and "probe features: 64/64 images" in text
     assert "train 15.4 img/s, val 26.0 img/s" in text
+    assert "epoch 1 [finetune]: batch 4/10, loss 1.250" in text  # a long epoch says how far
     rich_buf = io.StringIO()
     live = RichRenderer(Console(file=rich_buf, force_terminal=True, width=200))
     try:

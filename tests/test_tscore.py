@@ -105,5 +105,22 @@ def test_tscore_model_trains_evaluates_and_scans(
     t = predicted_tscores(pkg.manifest, pred.member_probs)
     assert t is not None and t.shape == (1,) and np.isfinite(t).all()
     code, text = _main(["scan", str(tmp_path / "test" / "img"), "--model", str(out), "--out",
-                        str(tmp_path / "scan.csv")], capsys)  # fmt: skip
+                        str(tmp_path / "scan.csv"), "--hdf5", str(tmp_path / "scan.h5"),
+                        "--workers", "0", "-q"], capsys)  # fmt: skip
     assert code == 0, text
+    # the scan writes each image's predicted T-score; it follows the true one
+    import csv as csv_module
+
+    from osteoscan.writers import read_hdf5
+
+    with open(tmp_path / "scan.csv", newline="") as fh:
+        scanned = list(csv_module.DictReader(fh))
+    truth = {f"k{i}.png": float(line.split(",")[1])
+             for i, line in enumerate(test_csv.read_text().splitlines()[1:])}  # fmt: skip
+    ok = [r for r in scanned if r["status"] == "ok"]
+    assert len(scanned) == 30 and len(ok) >= 20, [r["reason"] for r in scanned]
+    assert all(r["tscore"] == "" for r in scanned if r["status"] != "ok")  # unscored: no T
+    pairs = [(truth[Path(r["path"]).name], float(r["tscore"])) for r in ok]
+    assert np.corrcoef(np.array(pairs).T)[0, 1] > 0.5
+    h5 = read_hdf5(tmp_path / "scan.h5")
+    assert np.isfinite(h5["tscore"]).all() and len(h5["tscore"]) == len(ok)

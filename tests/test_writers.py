@@ -42,6 +42,8 @@ def test_columns_follow_design_md() -> None:
         "flagged", "uncertainty", "heatmap", "scanned_at", "covariates",
     ]  # fmt: skip
     assert set(COLUMNS_BEFORE_PROBS + COLUMNS_AFTER_PROBS) < set(result_columns(CLASSES))
+    with_t = result_columns(CLASSES, tscore=True)  # a T-score model's results
+    assert with_t[with_t.index("uncertainty") + 1] == "tscore" and len(with_t) == 19
     assert union_classes([["normal", "osteoporosis"], CLASSES]) == [
         "normal", "osteoporosis", "osteopenia"
     ]  # fmt: skip

@@ -92,6 +92,8 @@ class LogReporter:
         verb = "up to date" if s.written == [] else "wrote"
         self._line(f"{verb} {', '.join(outs)} (model {', '.join(s.models)}, device {s.device})")
         self._line(f"results hold {held(s)}")
+        if s.dicom_results:
+            self._line(f"DICOM results: {s.dicom_results}")
         if s.covariates:
             self._line(s.covariates)
         for warning in s.warnings:
@@ -148,6 +150,8 @@ class RichReporter:
         t.add_row("device", _shown(f"{s.device}, {s.workers} workers, batch {s.batch_size}"))
         t.add_row("results", _shown(s.out) + (" (up to date)" if s.written == [] else ""))
         t.add_row("results hold", held(s))
+        if s.dicom_results:
+            t.add_row("DICOM results", _shown(s.dicom_results))
         if s.covariates:
             t.add_row("covariates", _shown(s.covariates))
         t.add_row("flagged", _shown(s.flagged_out))

@@ -181,12 +181,24 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option("--quiet", "-q", metavar="", help="Plain timestamped log lines only."),
         ] = False,
+        report: Annotated[
+            Path | None,
+            typer.Option(
+                "--report",
+                metavar="HTML",
+                help="Also write the review page (HTML, with <stem>_files/ beside it) at the end.",
+            ),
+        ] = None,
     ) -> None:
         """Screen radiographs: one CSV row per image frame, flagged cases, heatmaps."""
         from osteoscan.cli.progress import make_reporter
         from osteoscan.scan.config import ScanConfig
         from osteoscan.scan.pipeline import run_scan
 
+        if report is not None and heatmaps is None:
+            from osteoscan.review import default_heatmaps_dir
+
+            heatmaps = default_heatmaps_dir(report)  # the page's thumbnails come from the PNGs
         cfg = ScanConfig(
             paths=list(paths), out=out, hdf5=hdf5, heatmaps_dir=heatmaps,
             heatmaps_for=heatmaps_for,  # type: ignore[arg-type]
@@ -206,3 +218,8 @@ def register(app: typer.Typer) -> None:
         finally:
             reporter.close()
         reporter.summary(summary)
+        if report is not None:
+            from osteoscan.review import report_after_scan
+
+            page = report_after_scan(cfg, summary, report)
+            typer.echo(f"review page: {page.html} ({page.flagged} flagged, {page.pages} page(s))")

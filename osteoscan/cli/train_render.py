@@ -43,8 +43,11 @@ def _rates(m: dict[str, Any]) -> str:
 class LogRenderer:
     """Plain timestamped lines (cron logs, pipes, ``--quiet``)."""
 
-    def __init__(self, console: Console, read_every: float = 10.0) -> None:
+    def __init__(
+        self, console: Console, read_every: float = 10.0, batch_every: float = 30.0
+    ) -> None:
         self.console, self.read_every, self._last = console, read_every, 0.0
+        self.batch_every = batch_every  # an epoch can take minutes: say how far it is
 
     def _line(self, text: str) -> None:
         self.console.print(f"{utc_now()} osteoscan train: {text}", markup=False, highlight=False,
@@ -72,6 +75,16 @@ class LogRenderer:
                 f"{fmt(m.get('val_loss'))} val_auc {fmt(m.get('val_auc'))} "
                 f"({m.get('seconds', 0.0):.1f} s{_rates(m)}){' *' if m.get('best') else ''}"
             )
+        elif ev.kind == "epoch_start":
+            self._last = time.monotonic()
+        elif ev.kind == "batch":
+            now = time.monotonic()
+            if now - self._last >= self.batch_every:
+                self._last = now
+                self._line(
+                    f"member {ev.member + 1}/{ev.n_members} epoch {ev.epoch} [{ev.stage}]: "
+                    f"batch {ev.step}/{ev.n_steps}, loss {fmt(m.get('loss'))}"
+                )
         elif ev.kind == "progress":
             now = time.monotonic()
             if ev.step == ev.n_steps or now - self._last >= self.read_every:

@@ -73,7 +73,10 @@ def export_outputs(
     flagged = Path(flagged) if flagged else flagged_path_for(out)
     snap = Snapshot.of(state)  # export what is committed now; a later batch is appended later
     all_classes = union_classes([list(classes), state.classes])
-    columns = result_columns(all_classes, phi=phi)
+    tscore = state.has_tscore or any(
+        (m.get("target") or {}).get("kind") == "tscore" for m in (manifests or {}).values()
+    )
+    columns = result_columns(all_classes, phi=phi, tscore=tscore)
     written: list[Path] = []
     for name, target, only_flagged in (("csv", out, False), ("flagged", flagged, True)):
         if _export_csv(state, name, target, columns, snap, redact, only_flagged, force):
@@ -221,7 +224,8 @@ def outputs_current(state: ScanState, cfg: ScanConfig, classes: Sequence[str] = 
     """True when results.csv, the flagged CSV and the HDF5 (if asked for) exist, hold every
     committed row and were written with this run's options: nothing to write then."""
     redact = "on" if cfg.redact_paths else None
-    columns = result_columns(union_classes([list(classes), state.classes]), phi=cfg.include_phi)
+    columns = result_columns(union_classes([list(classes), state.classes]), phi=cfg.include_phi,
+                             tscore=state.has_tscore)  # fmt: skip
     snap, shape = Snapshot.of(state), _csv_shape(columns, redact)
     for name, path in (("csv", Path(cfg.out)), ("flagged", flagged_path_for(cfg.out))):
         mark = read_mark(state, name)

@@ -258,6 +258,11 @@ class ScanState:
         return list(json.loads(self._meta("classes", "[]") or "[]"))
 
     @property
+    def has_tscore(self) -> bool:
+        """True once a row with a predicted T-score was stored (the ``tscore`` column)."""
+        return self._meta("tscore") == "1"
+
+    @property
     def max_members(self) -> int:
         """Largest ensemble (member count) among stored rows: the HDF5 member axis."""
         return int(self._meta("max_members", "0") or 0)
@@ -365,6 +370,7 @@ class ScanState:
         statuses: list[tuple[str, bool]] = []
         classes = self.classes
         n_members = self.max_members
+        tscore = self.has_tscore
         for res in results:
             row = res.row
             path, frame = row.path, row.frame
@@ -389,6 +395,7 @@ class ScanState:
             classes += [c for c in row.probs if c not in classes]
             if res.member_probs is not None:
                 n_members = max(n_members, int(np.shape(res.member_probs)[0]))
+            tscore = tscore or getattr(row, "tscore", None) is not None
         now = utc_now()
         for path, n_frames in done:
             sig = self._planned.get(path) or FileSig.of(path) or FileSig(-1, -1)
@@ -404,6 +411,7 @@ class ScanState:
             ("next_seq", str(seq + 1)),
             ("classes", json.dumps(classes)),
             ("max_members", str(n_members)),
+            ("tscore", "1" if tscore else "0"),
         ):
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
         conn.execute("COMMIT")
