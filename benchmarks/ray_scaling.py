@@ -22,6 +22,7 @@ Ray workers are warmed up first (their imports are not decode time). Run it on a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -114,19 +115,35 @@ def calibrate_repeat(files: list[Any], target_s: float) -> int:
     return max(1, round(target_s / one))
 
 
+def _cpu_by_name() -> dict[str, float]:
+    """CPU seconds used so far by this process (``driver``) and each kind of its descendants
+    (by process name: Ray's workers are ``ray::…``), from ``/proc`` (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[bytes]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                raw = Path(f"/proc/{entry}/stat").read_bytes()
+                stats[int(entry)] = raw.rsplit(b")", 1)[1].split()
+    mine, frontier = [], {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, f in stats.items() if int(f[1]) in frontier}
+        mine += sorted(frontier)
+    me = stats.get(os.getpid(), [b"0"] * 13)
+    out = {"driver": (int(me[11]) + int(me[12])) / tick}
+    for pid in mine:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        kind = "ray workers" if name.startswith("ray::") else name
+        out[kind] = out.get(kind, 0.0) + (int(stats[pid][11]) + int(stats[pid][12])) / tick
+    return out
+
+
 def _workers_cpu_s() -> float:
     """CPU seconds used so far by this process's Ray workers (processes named ``ray::…``)."""
-    import psutil  # a dependency of Ray
-
-    total = 0.0
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.name().startswith("ray::"):
-                times = proc.cpu_times()
-                total += times.user + times.system
-        except psutil.Error:
-            continue
-    return total
+    return _cpu_by_name().get("ray workers", 0.0)
 
 
 def scaling(files: list[Any], loader: Any, repeat: int, trials: int, tmp: Path) -> dict[str, Any]:
