@@ -156,8 +156,9 @@ def scaling(files: list[Any], loader: Any, repeat: int, trials: int, tmp: Path) 
     session = RaySession(num_cpus=2)  # a local Ray as a scan starts it: loopback, 2 CPUs
     try:
         engine = RayEngine(8, tmp / "inflight", workers=2, session=session)
-        list(engine.batches(files[:4], loader))  # both workers import the reader stack
         engine.read.repeat = repeat
+        # both workers import the reader stack: tasks long enough that the second one is used
+        list(engine.batches(files[:8], loader))
         best: dict[int, tuple[float, float]] = {}
         for _ in range(trials):
             for workers in (1, 2):
