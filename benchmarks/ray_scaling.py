@@ -146,7 +146,9 @@ def _workers_cpu_s() -> float:
     return _cpu_by_name().get("ray workers", 0.0)
 
 
-def scaling(files: list[Any], loader: Any, repeat: int, trials: int, tmp: Path) -> dict[str, Any]:
+def scaling(
+    files: list[Any], loader: Any, repeat: int, trials: int, tmp: Path, per_task: int = 2
+) -> dict[str, Any]:
     """Best wall time over ``trials`` of the Ray load stage with 1 and with 2 workers, each file
     decoded ``repeat`` times (what ``OSTEOSCAN_RAY_DECODE_REPEAT`` sets for a scan), and the CPU
     time the workers got meanwhile (on a shared machine: how many cores they actually had)."""
@@ -155,7 +157,8 @@ def scaling(files: list[Any], loader: Any, repeat: int, trials: int, tmp: Path) 
 
     session = RaySession(num_cpus=2)  # a local Ray as a scan starts it: loopback, 2 CPUs
     try:
-        engine = RayEngine(8, tmp / "inflight", workers=2, session=session)
+        engine = RayEngine(8, tmp / "inflight", workers=2, session=session,
+                           files_per_task=per_task)  # fmt: skip
         engine.read.repeat = repeat
         # both workers import the reader stack: tasks long enough that the second one is used
         list(engine.batches(files[:8], loader))
@@ -190,6 +193,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
     ap.add_argument("--file-s", type=float, default=0.25, help="target decode seconds a file")
     ap.add_argument("--trials", type=int, default=2, help="trials per worker count")
+    ap.add_argument("--files-per-task", type=int, default=2, help="files a Ray task reads")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
@@ -203,7 +207,8 @@ def main() -> None:
         models = load_models([], torch.device("cpu"))
         rates = stage_rates(files, models)
         repeat = calibrate_repeat(files, args.file_s)
-        result = scaling(files, loader_for(models), repeat, args.trials, tmp)
+        result = scaling(files, loader_for(models), repeat, args.trials, tmp,
+                         args.files_per_task)  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"files": args.n, "size": args.size, "decode_repeat": repeat, **rates, **result,
@@ -218,7 +223,8 @@ def main() -> None:
     print(f"driver record stage: {rates['record_s_per_row'] * 1000:.2f} ms a row; "
           f"Ray load stage without repeat, 1 worker: "
           f"{result['ray_1_worker_s_per_file'] * 1000:.0f} ms a file")  # fmt: skip
-    print(f"scaling run: {args.n} files, each read {repeat}x (~{args.file_s:g} s of decode)")
+    print(f"scaling run: {args.n} files, each read {repeat}x (~{args.file_s:g} s of decode), "
+          f"{args.files_per_task} a task")  # fmt: skip
     for w in (1, 2):
         print(f"  {w} worker(s): best {result['best_s'][w]:.2f} s = "
               f"{result['files_per_s'][w]:.2f} files/s; the workers had "
