@@ -89,6 +89,15 @@ def _probe_class() -> type:
     return Probe
 
 
+def test_ray_options_without_engine_ray_are_a_usage_error(tmp_path: Path) -> None:
+    from osteoscan.errors import UsageError
+
+    for extra in ({"ray_address": "10.0.0.1:6379"}, {"ray_actors": 2}, {"engine": "spark"}):
+        cfg = ScanConfig(paths=[tmp_path], out=tmp_path / "r.csv", **extra)  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match="engine"):
+            cfg.validate()
+
+
 def test_without_ray_the_engine_asks_for_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from osteoscan.scan.engines import ray_data
 
@@ -286,17 +295,6 @@ def test_the_actor_pool_scores_the_rows_the_local_path_scores(
     assert driver.tally.summary() == local_scorer.tally.summary()
 
 
-def _ray_engines(made: list[Any]) -> Callable[..., Any]:
-    """Stands in for ``LocalEngine`` in the orchestrator: a 2-worker RayEngine, kept in ``made``."""
-    from osteoscan.scan.engines.ray_data import RayEngine
-
-    def make(device: Any, workers: int, batch_size: int, inflight: Path, limits: Any) -> Any:
-        made.append(RayEngine(batch_size, inflight, limits, workers=2))
-        return made[-1]
-
-    return make
-
-
 def _scan(cfg: ScanConfig) -> dict[str, Any]:
     """Run the scan; the CSV rows (no ``scanned_at``), flagged rows and HDF5 arrays it wrote."""
     import csv
@@ -324,23 +322,17 @@ def test_a_scan_through_the_ray_engine_writes_the_local_scans_outputs(
     archive: Path,
     tiny_package: Callable[..., Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The orchestrator unchanged, its engine swapped: identical CSV, flagged list and HDF5."""
-    from osteoscan.scan.engines import local as local_module
+    """``engine="ray"`` (``--engine ray``): identical CSV, flagged list and HDF5."""
 
-    def cfg_in(folder: str) -> ScanConfig:
+    def cfg_in(folder: str, **kw: Any) -> ScanConfig:
         out = tmp_path / folder
         return ScanConfig(paths=[archive], out=out / "results.csv", models=[tiny_package()],
-                          hdf5=out / "results.h5", body_part="knee", batch_size=3, workers=0,
-                          device="cpu")  # fmt: skip
+                          hdf5=out / "results.h5", body_part="knee", batch_size=3,
+                          device="cpu", **kw)  # fmt: skip
 
-    local = _scan(cfg_in("local"))
-    made: list[Any] = []
-    monkeypatch.setattr(local_module, "LocalEngine", _ray_engines(made))
-    ours = _scan(cfg_in("ray"))
-    assert len(made) == 1 and made[0].restarts == 0
-    made[0].close()
+    local = _scan(cfg_in("local", workers=0))
+    ours = _scan(cfg_in("ray", workers=2, engine="ray"))
     assert ours["rows"] == local["rows"] and ours["flagged"] == local["flagged"]
     assert ours["summary"] == local["summary"]
     assert ours["hdf5"].keys() == local["hdf5"].keys()
@@ -405,18 +397,12 @@ def test_a_local_ray_keeps_the_scans_sigterm_and_nothing_of_it_outlives_a_killed
 RAY_SCAN = """
 import sys
 from pathlib import Path
-from osteoscan.scan.engines import local
-from osteoscan.scan.engines.ray_data import RayEngine
 from osteoscan.scan.config import ScanConfig
 from osteoscan.scan.pipeline import run_scan
 
-def ray_engine(device, workers, batch_size, inflight, limits):
-    return RayEngine(batch_size, inflight, limits, workers=2)
-
-local.LocalEngine = ray_engine  # the engine a --engine ray scan runs, orchestrator unchanged
 arch, out, pkg = map(Path, sys.argv[1:4])
 run_scan(ScanConfig(paths=[arch], out=out / "results.csv", models=[pkg], hdf5=out / "results.h5",
-                    body_part="knee", batch_size=3, workers=0, device="cpu"))
+                    body_part="knee", batch_size=3, workers=2, device="cpu", engine="ray"))
 """
 
 
@@ -427,13 +413,10 @@ def test_a_killed_ray_scan_resumes_to_the_uninterrupted_outputs(
     archive: Path,
     tiny_package: Callable[..., Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import signal
     import sqlite3
     import subprocess
-
-    from osteoscan.scan.engines import local as local_module
 
     def cfg_in(out: Path) -> ScanConfig:
         return ScanConfig(paths=[archive], out=out / "results.csv", models=[tiny_package()],
@@ -457,11 +440,7 @@ def test_a_killed_ray_scan_resumes_to_the_uninterrupted_outputs(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert 0 < seen < len(reference["rows"]), f"killed at {seen} rows: not mid-run"
-        made: list[Any] = []
-        with monkeypatch.context() as mp:  # the next night's run, with the Ray engine again
-            mp.setattr(local_module, "LocalEngine", _ray_engines(made))
-            again = _scan(cfg_in(out))
-        made[0].close()
+        again = _scan(dataclasses.replace(cfg_in(out), engine="ray", workers=2))  # next night
         assert again["rows"] == reference["rows"] and again["flagged"] == reference["flagged"]
         for key, value in reference["hdf5"].items():
             if isinstance(value, np.ndarray) and value.dtype.kind == "f":

@@ -181,6 +181,30 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option("--quiet", "-q", metavar="", help="Plain timestamped log lines only."),
         ] = False,
+        engine: Annotated[
+            str,
+            typer.Option(
+                metavar="local|ray",
+                help="Where files are read: reader processes on this machine, or Ray Data tasks "
+                'on a Ray cluster (pip install -e ".[distributed]").',
+            ),
+        ] = "local",
+        ray_address: Annotated[
+            str | None,
+            typer.Option(
+                metavar="ADDR",
+                help="With --engine ray: join this Ray cluster (default: start a local Ray sized "
+                "to this machine, stopped at the end).",
+            ),
+        ] = None,
+        ray_model_actors: Annotated[
+            int | None,
+            typer.Option(
+                metavar="N",
+                help="With --engine ray: score in a pool of N Ray actors (one GPU each where the "
+                "cluster has GPUs) instead of on this machine.",
+            ),
+        ] = None,
         report: Annotated[
             Path | None,
             typer.Option(
@@ -211,6 +235,8 @@ def register(app: typer.Typer) -> None:
             prune=prune, since=since, until=until,
             modalities=[m.strip() for v in modality or [] for m in v.split(",") if m.strip()],
             dicom_out=dicom_out, send=send, dicom_heatmaps=dicom_heatmaps,
+            engine=engine,  # type: ignore[arg-type]
+            ray_address=ray_address, ray_actors=ray_model_actors,
         )  # fmt: skip
         reporter = make_reporter(quiet)
         try:

@@ -72,6 +72,12 @@ class ScanConfig:
     dicom_out: str | Path | None = None
     send: str | None = None
     dicom_heatmaps: bool = False
+    # Where files are read: ``local`` (reader processes here) or ``ray`` (Ray Data tasks on a
+    # local Ray or, with ``ray_address``, a cluster); ``ray_actors``: score in a pool of that many
+    # Ray actors instead of on the driver. None of these change a row: not in the run key.
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    ray_actors: int | None = None
 
     @property
     def dicomweb(self) -> bool:
@@ -105,7 +111,20 @@ class ScanConfig:
             raise UsageError("--threshold must be between 0 and 1")
         if self.redact_paths and self.include_phi:
             raise UsageError("--redact-paths and --include-phi contradict each other")
+        self._validate_engine()
         self.validate_outputs()
+
+    def _validate_engine(self) -> None:
+        if self.engine not in ("local", "ray"):
+            raise UsageError("--engine must be local or ray")
+        if (self.ray_address or self.ray_actors) and self.engine != "ray":
+            raise UsageError("--ray-address and --ray-model-actors need --engine ray")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise UsageError("--ray-model-actors must be at least 1")
+        if self.ray_address and self.dicomweb:  # retrieved instances sit in this machine's cache
+            raise UsageError(
+                "a DICOMweb source is scanned on this machine: leave out --ray-address"
+            )
 
     def _validate_dicomweb(self) -> None:
         from osteoscan.pacs.query import date_range

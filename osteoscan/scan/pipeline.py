@@ -132,10 +132,14 @@ def run_scan(cfg: ScanConfig, on_event: Callable[[ScanEvent], None] | None = Non
             workers = min(workers, len(todo) + len(redo))
             run = _Run(cfg, session, models, key, workers, device, progress, manifests, source,
                        results)  # fmt: skip
-            if todo:
-                written += run.score(todo)
-            if redo and session.stop_signal is None:
-                written += run.score(redo, heatmaps_only=True)
+            workers = run.engine.workers  # the summary names the engine's real concurrency
+            try:
+                if todo:
+                    written += run.score(todo)
+                if redo and session.stop_signal is None:
+                    written += run.score(redo, heatmaps_only=True)
+            finally:
+                run.close()
             cov = _covariate_summary(cfg, run) if todo else None
         if written or todo or redo or not outputs_current(state, cfg):
             new = _export(cfg, state, manifests, sizes)  # no model needed to rewrite outputs
@@ -248,7 +252,7 @@ class _Run:
         import torch
 
         from osteoscan.load import Loader
-        from osteoscan.scan.engines.local import LocalEngine
+        from osteoscan.scan.engines import make_engine
         from osteoscan.scan.routing import Router
         from osteoscan.scan.score import Scorer
 
@@ -264,12 +268,17 @@ class _Run:
             self.loader = Loader(router, [m.preprocess for m in models], keep_display=keep_display)
         else:  # reads retrieved instances from the source's cache, rows keyed dicomweb:…
             self.loader = source.loader(router, [m.preprocess for m in models], keep_display)
-        self.engine = LocalEngine(torch.device(device), workers, cfg.batch_size,
-                                  session.inflight_dir, cfg.limits)  # fmt: skip
+        self.engine = make_engine(cfg, torch.device(device), workers, session.inflight_dir)
         self.scorer = Scorer(cfg, models)
         self.results = results
         if cfg.dicom_heatmaps:  # the flagged rows' maps, for the secondary captures
             self.scorer.heatmaps_flagged = True
+
+    def close(self) -> None:
+        """Release the engine (a Ray engine stops a local Ray it started)."""
+        from osteoscan.scan.engines import close_engine
+
+        close_engine(self.engine)
 
     def score(self, files: list[Found], *, heatmaps_only: bool = False) -> list[Path]:
         """Score ``files`` (or, with ``heatmaps_only``, add heatmaps to their stored rows).
@@ -293,8 +302,11 @@ class _Run:
         cfg, state = self.cfg, self.session.state
         keep_heatmaps = cfg.hdf5 is not None and cfg.hdf5_heatmaps
         last_export, written = time.monotonic(), list[Path]()
-        for batch in self.engine.batches(files, self.loader):
-            scored = self.scorer.score(batch)
+        from osteoscan.scan.engines import scored_stream
+
+        for scored, n_files in scored_stream(
+            self.engine, files, self.loader, self.scorer, self.key
+        ):
             if self.source is not None:  # a reader death names the cache file: key it
                 for item in scored:
                     item.row.path = self.source.key_of(item.row.path)
@@ -304,11 +316,11 @@ class _Run:
             if heatmaps_only:
                 attach_heatmaps(state, [s for s in scored if s.row.status == "ok"]
                                 if keep_heatmaps else _without_maps(scored))  # fmt: skip
-                self.progress.add([], batch.n_files)
+                self.progress.add([], n_files)
             else:
                 record_batch(state, scored, self.key, keep_heatmaps=keep_heatmaps,
                              include_phi=cfg.include_phi)  # fmt: skip
-                self.progress.add(scored, batch.n_files)
+                self.progress.add(scored, n_files)
             self.progress.emit("batch")
             if time.monotonic() - last_export >= cfg.export_every_s:  # long runs: publish
                 written += _export(cfg, state, self.manifests,
