@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from osteoscan.cli import app
 from osteoscan.testing.synthetic import synthetic_knee, write_png
+from tests.conftest import run_main as _main
 
 KNEE = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-xray"
 KNEE = Path(os.environ.get("OSTEOSCAN_KNEE_XRAY", KNEE))
@@ -173,19 +174,6 @@ def _truncated_jpeg(path: Path) -> Path:
     assert ok and len(buf) > 200_000
     path.write_bytes(buf.tobytes()[:5000])
     return path
-
-
-def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Exit code and stderr+stdout of the real entry point (exceptions mapped to exit codes)."""
-    from osteoscan.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.err + out.out
 
 
 def _small_args(data: Path, out: Path, *extra: str) -> list[str]:

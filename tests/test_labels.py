@@ -12,6 +12,7 @@ import pytest
 from osteoscan.errors import UsageError
 from osteoscan.testing.synthetic import synthetic_knee, write_png
 from osteoscan.train.data import load_labelled, order_classes
+from tests.conftest import run_main as _main
 
 DENSITY = {"0": 1.1, "1": 0.9, "2": 0.7, "3": 0.5, "4": 0.3}
 
@@ -31,18 +32,6 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
         "--preset", "quick", "--size", "32", "--epochs", "2", "--batch-size", "8", "--folds", "1",
         "--quiet", "--seed", "1", *extra,
     ]  # fmt: skip
-
-
-def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from osteoscan.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.err + out.out
 
 
 def test_class_order_rules() -> None:

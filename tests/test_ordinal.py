@@ -14,6 +14,7 @@ from osteoscan.archs import create_model, final_linear
 from osteoscan.metrics import classification_metrics
 from osteoscan.testing.synthetic import synthetic_knee, write_png
 from osteoscan.train.objectives import OrdinalObjective
+from tests.conftest import run_main as _main
 
 DENSITY = {"0": 1.1, "1": 0.9, "2": 0.7, "3": 0.5, "4": 0.3}
 
@@ -49,18 +50,6 @@ def test_qwk_and_mae_match_sklearn() -> None:
     lo, hi = m["qwk"]["ci95"]
     assert lo < m["qwk"]["value"] < hi
     assert "qwk" not in classification_metrics(y, probs, list("01234"), ["4"], 0.5, n_boot=0)
-
-
-def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from osteoscan.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.err + out.out
 
 
 def test_train_ordinal_grades_and_evaluate_reports_qwk_mae(

@@ -11,6 +11,7 @@ import pytest
 from osteoscan.testing.synthetic import synthetic_knee, write_png
 from osteoscan.train.data import who_category
 from osteoscan.train.tscore import tscore_from_probs, tscore_logits
+from tests.conftest import run_main as _main
 
 
 def _density(t: float) -> float:
@@ -42,18 +43,6 @@ def test_who_categories_and_exact_inversion() -> None:
         assert p[1, 1] == pytest.approx(p[1, 2]) and p[3, 0] == pytest.approx(p[3, 1])
         got = tscore_from_probs(p.astype(np.float32)[:, None, :], [tau])
         assert np.allclose(got, mu, atol=1e-3)
-
-
-def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from osteoscan.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.err + out.out
 
 
 def test_tscore_model_trains_evaluates_and_scans(
