@@ -460,7 +460,7 @@ from osteoscan.scan.plan import discover_files
 from osteoscan.scan.routing import Router
 
 files, _ = discover_files(ScanConfig(paths=[Path(sys.argv[2])], out=Path("unused.csv")))
-engine = RayEngine(4, Path("inflight"), address=sys.argv[1])
+engine = RayEngine(4, Path.cwd() / "inflight", address=sys.argv[1])  # absolute path
 loader = Loader(Router([["knee"]], ["the model"], "knee"), [PreprocessConfig(size=64)])
 n = sum(b.n_files for b in engine.batches(files, loader))
 print(engine.workers, n, len(files))
