@@ -37,6 +37,7 @@ from torch import nn
 from osteoscan.archs import get_arch, get_module
 from osteoscan.fusion import apply_fusion, validate_fusion
 from osteoscan.gradcam import CamForward, cam_from_forward, fuse_cams
+from osteoscan.grades import grade_cutoffs_of, predict_classes
 from osteoscan.preprocess import to_model_input
 from osteoscan.trunks import TrunkGroup, trunk_groups
 
@@ -153,6 +154,8 @@ class Ensemble:
         self.threshold = float(self.manifest.threshold)
         self.body_parts: list[str] = list(self.manifest.body_parts)
         self.fusion: dict[str, Any] | None = self.manifest.fusion or None
+        # Ordinal models report the grade their fitted cut-offs give, others the argmax.
+        self.grade_cutoffs = grade_cutoffs_of(self.manifest.target)
         if self.fusion is not None:
             validate_fusion(self.fusion, len(self.classes))
             if list(self.fusion["classes"]) != self.classes:
@@ -345,7 +348,7 @@ class Ensemble:
             score=score,
             flagged=flagged,
             uncertainty=uncertainty,
-            prediction=[self.classes[k] for k in probs.argmax(axis=1)],
+            prediction=[self.classes[k] for k in predict_classes(probs, self.grade_cutoffs)],
             covariates_used=used,
             heatmaps=hm_list,
             threshold=thr,
