@@ -242,9 +242,17 @@ def _target_note(target: Mapping[str, Any] | None) -> list[str]:
     if not target:
         return []
     if target.get("kind") == "ordinal":
-        return ["", "Ordinal model (adjacent-category logit head): the classes are ordered grades; "
-                "quadratic weighted kappa and mean absolute grade error are of the most probable "
-                "grade."]  # fmt: skip
+        cuts = target.get("grade_cutoffs")
+        if not cuts:
+            return ["", "Ordinal model (adjacent-category logit head): the classes are ordered "
+                    "grades; accuracy, quadratic weighted kappa and mean absolute grade error are "
+                    "of the most probable grade."]  # fmt: skip
+        shown = ", ".join(f"{float(c):.3f}" for c in cuts)
+        return ["", "Ordinal model (adjacent-category logit head): the classes are ordered grades. "
+                "The reported grade is read from the expected grade (sum of grade x probability) "
+                f"through cut-offs fitted on the validation part ({shown}); accuracy, quadratic "
+                "weighted kappa and mean absolute grade error are of that grade, on rows the "
+                "cut-offs were not fitted on."]  # fmt: skip
     if target.get("kind") == "tscore":
         scale = target.get("scale")
         values: list[Any] = scale if isinstance(scale, list) else [scale]

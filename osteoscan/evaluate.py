@@ -37,6 +37,7 @@ import numpy as np
 
 from osteoscan.covariates import Covariates, CovariateSummary, CovariateTally
 from osteoscan.errors import UsageError
+from osteoscan.grades import grade_cutoffs_of, predict_classes
 from osteoscan.hashing import file_sha256
 from osteoscan.metrics import classification_metrics
 from osteoscan.train.data import LabelledSample, load_labelled
@@ -198,7 +199,11 @@ def _metrics_for(
     n_boot: int,
     seed: int,
     ordinal: bool = False,
+    cutoffs: list[float] | None = None,
 ) -> dict[str, Any]:
+    """Metrics of one variant's probabilities, in the evaluation's classes (``mode``)."""
+    direct = mode == "direct"
+    pred = predict_classes(probs, cutoffs) if cutoffs is not None and direct else None
     if mode == "collapsed":
         pos_idx = [list(model_classes).index(c) for c in positive]
         score = probs[:, pos_idx].sum(axis=1)
@@ -208,7 +213,7 @@ def _metrics_for(
         y = np.array([list(eval_classes).index(lab) for lab in labels], dtype=np.int64)
     return classification_metrics(
         y, probs, eval_classes, eval_positive, threshold, n_boot=n_boot, seed=seed,
-        ordinal=ordinal and mode == "direct",
+        ordinal=ordinal and direct, pred=pred,
     )  # fmt: skip
 
 
@@ -226,10 +231,11 @@ def _variants(
     # use the one threshold for both.
     thr_img, thr_comb = man.threshold_for(fused=False), man.threshold_for(fused=True)
     ordinal = (man.target or {}).get("kind") == "ordinal"
+    cuts = grade_cutoffs_of(man.target)  # ordinal packages: the grade rule scan applies
     args_img = (model_classes, positive, eval_classes, eval_positive, mode, thr_img, n_boot, seed,
-                ordinal)  # fmt: skip
+                ordinal, cuts)  # fmt: skip
     args = (model_classes, positive, eval_classes, eval_positive, mode, thr_comb, n_boot, seed,
-            ordinal)  # fmt: skip
+            ordinal, cuts)  # fmt: skip
     variants: dict[str, Any] = {"image_only": _metrics_for(labels, p_img, *args_img)}
     ts = _tscore_block(man, sc, n_boot, seed)
     if ts is not None:

@@ -2,18 +2,19 @@
 
 Definitions (chosen so the published knee-X-ray tables compare, and documented in the model card):
 
-- ``accuracy``: multi-class accuracy of the most probable class (argmax), as the papers report it.
-  ``balanced_accuracy``: mean per-class recall (argmax). ``screening_accuracy``: accuracy of the
-  binary screening decision below.
+- ``accuracy``: multi-class accuracy of the predicted class: the most probable class (argmax), as
+  the papers report it, or for an ordinal model with fitted grade cut-offs the grade they give
+  (:mod:`osteoscan.grades`; ``pred`` argument). ``balanced_accuracy``: mean per-class recall.
+  ``screening_accuracy``: accuracy of the binary screening decision below.
 - ``sensitivity`` (recall), ``specificity``, ``precision`` (PPV), ``f1``: the *screening* decision,
   positive classes vs the rest, positive when ``score = sum of positive-class probabilities >=
   threshold``. ``npv`` likewise.
 - ``roc_auc``: ROC-AUC of ``score`` for positive-vs-rest, with ``per_class`` one-vs-rest AUCs (of
   each class's probability) and their unweighted ``macro`` mean.
-- ``per_class``: one-vs-rest sensitivity/specificity/precision/F1 of the argmax prediction;
+- ``per_class``: one-vs-rest sensitivity/specificity/precision/F1 of the predicted class;
   ``macro``: their unweighted means.
-- ``confusion_matrix``: counts over all classes, rows = true class, columns = argmax prediction.
-- Ordered classes (``ordinal=True``): ``qwk``, Cohen's quadratic weighted kappa of the argmax
+- ``confusion_matrix``: counts over all classes, rows = true class, columns = predicted class.
+- Ordered classes (``ordinal=True``): ``qwk``, Cohen's quadratic weighted kappa of the predicted
   grade against the true grade, and ``mae``, their mean absolute difference in grades (class
   positions).
 - :func:`tscore_metrics`: predicted vs true T-scores: ``mae``, ``rmse``, ``pearson_r`` and the
@@ -111,9 +112,9 @@ def _all_metrics(
     pos_mask: np.ndarray,
     threshold: float,
     classes: Sequence[str],
+    pred: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Every scalar metric, one value per weight row."""
-    pred = probs.argmax(axis=1)
+    """Every scalar metric, one value per weight row (``pred``: predicted class indices)."""
     out: dict[str, np.ndarray] = {}
     total = w.sum(axis=1)
     out["accuracy"] = _ratio(w @ (pred == y).astype(np.float64), total)
@@ -181,12 +182,15 @@ def classification_metrics(
     seed: int = 0,
     stratified: bool = False,
     ordinal: bool = False,
+    pred: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All metrics of the module docstring, each with a bootstrap 95 % interval, as plain JSON.
 
     ``y_true``: class indices or class names; ``probs``: (N, C) probabilities in ``classes``
     order. ``n_boot=0`` skips the bootstrap (intervals are ``[None, None]``). ``ordinal``: the
-    classes are ordered grades, in ``classes`` order (adds ``qwk`` and ``mae``).
+    classes are ordered grades, in ``classes`` order (adds ``qwk`` and ``mae``). ``pred``: the
+    predicted class index of each row when it is not the argmax (an ordinal model's grade
+    cut-offs, :func:`osteoscan.grades.predict_classes`).
     """
     probs = np.asarray(probs, dtype=np.float64)
     classes = list(classes)
@@ -199,10 +203,15 @@ def classification_metrics(
     if len(y) != len(probs):
         raise ValueError("y_true and probs differ in length")
     pos_mask = np.array([c in set(positive_classes) for c in classes])
+    rule = "argmax" if pred is None else "grade_cutoffs"
+    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred, dtype=np.int64)
+    if len(pred) != len(y):
+        raise ValueError("pred and probs differ in length")
+    args = (y, probs, pos_mask, threshold, classes, pred)
 
-    point = _all_metrics(np.ones((1, len(y))), y, probs, pos_mask, threshold, classes)
+    point = _all_metrics(np.ones((1, len(y))), *args)
     boot = (
-        _all_metrics(_weights(y, n_boot, seed, stratified), y, probs, pos_mask, threshold, classes)
+        _all_metrics(_weights(y, n_boot, seed, stratified), *args)
         if n_boot > 0 and len(y) > 0
         else {}
     )
@@ -215,6 +224,7 @@ def classification_metrics(
         "classes": classes,
         "positive_classes": list(positive_classes),
         "threshold": float(threshold),
+        "prediction_rule": rule,
         "accuracy": cell("accuracy"),
         "balanced_accuracy": cell("balanced_accuracy"),
         "screening_accuracy": cell("screening_accuracy"),
@@ -240,11 +250,11 @@ def classification_metrics(
             }
             for c in classes
         },
-        **_counts(y, probs, pos_mask, threshold, classes),
+        **_counts(y, probs, pos_mask, threshold, classes, pred),
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "stratified": bool(stratified)},
     }
     if ordinal:
-        pred, k = probs.argmax(axis=1), len(classes)
+        k = len(classes)
         o_point = _ordinal(np.ones((1, len(y))), y, pred, k)
         o_boot = (
             _ordinal(_weights(y, n_boot, seed, stratified), y, pred, k)
@@ -309,11 +319,12 @@ def tscore_metrics(
 
 
 def _counts(
-    y: np.ndarray, probs: np.ndarray, pos_mask: np.ndarray, threshold: float, classes: list[str]
-) -> dict[str, Any]:
-    """Confusion matrix (most probable class), screening tp/fp/fn/tn and images per class."""
+    y: np.ndarray, probs: np.ndarray, pos_mask: np.ndarray, threshold: float, classes: list[str],
+    pred: np.ndarray,
+) -> dict[str, Any]:  # fmt: skip
+    """Confusion matrix (predicted class), screening tp/fp/fn/tn and images per class."""
     cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(cm, (y, probs.argmax(axis=1)), 1)
+    np.add.at(cm, (y, pred), 1)
     truth = pos_mask[y]
     flagged = probs[:, pos_mask].sum(axis=1) >= threshold
     return {
@@ -336,6 +347,9 @@ def _fmt(cell: dict[str, Any]) -> tuple[str, str]:
     return value, ci
 
 
+_RULES = {"argmax": "argmax", "grade_cutoffs": "grade cut-offs"}
+
+
 def format_metrics_table(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     """Rows ``(metric, value, 95 % CI)`` for rendering a metrics dict as a table."""
     pos = "+".join(metrics.get("positive_classes", [])) or "positive"
@@ -343,7 +357,7 @@ def format_metrics_table(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     at = f" @ {thr:.3f}" if isinstance(thr, (int, float)) else ""
     rows: list[tuple[str, str, str]] = [("n (images)", str(metrics.get("n", "")), "")]
     named = [
-        ("accuracy", "accuracy (argmax)"),
+        ("accuracy", f"accuracy ({_RULES.get(str(metrics.get('prediction_rule')), 'argmax')})"),
         ("balanced_accuracy", "balanced accuracy"),
         ("sensitivity", f"sensitivity ({pos} vs rest{at})"),
         ("specificity", f"specificity ({pos} vs rest{at})"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv as csv_module
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from sklearn.metrics import cohen_kappa_score
 
 from osteoscan.archs import create_model, final_linear
+from osteoscan.grades import predict_classes
 from osteoscan.metrics import classification_metrics
 from osteoscan.testing.synthetic import synthetic_knee, write_png
 from osteoscan.train.objectives import OrdinalObjective
@@ -71,7 +73,10 @@ def test_train_ordinal_grades_and_evaluate_reports_qwk_mae(
     ], capsys)  # fmt: skip
     assert code == 0, text
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["target"] == {"kind": "ordinal"}
+    target = manifest["target"]
+    assert target["kind"] == "ordinal" and set(target) == {"kind", "grade_cutoffs"}
+    cuts = target["grade_cutoffs"]
+    assert len(cuts) == 4 and cuts == sorted(cuts)
     held = manifest["metrics"]["image_only"]
     assert {"qwk", "mae"} <= set(held) and held["mae"]["value"] is not None
     card = (out / "card.md").read_text()
@@ -86,3 +91,15 @@ def test_train_ordinal_grades_and_evaluate_reports_qwk_mae(
     for key in ("accuracy", "roc_auc", "n", "qwk", "mae"):
         assert set(r[key]) >= {"value", "ci95"} if key != "n" else isinstance(r[key], int)
     assert -1.0 <= r["qwk"]["value"] <= 1.0 and 0.0 <= r["mae"]["value"] <= 4.0
+    assert r["prediction_rule"] == "grade_cutoffs"
+
+    # scan reports the same grade rule: each row's prediction is its expected grade read
+    # through the package's cut-offs, not the most probable class.
+    results = tmp_path / "scan.csv"
+    code, text = _main(["scan", str(tmp_path / "img"), "--model", str(out), "--out",
+                        str(results), "--quiet", "--body-part", "knee"], capsys)  # fmt: skip
+    assert code in (0, 1), text
+    scanned = [r for r in csv_module.DictReader(results.open()) if r["status"] == "ok"]
+    assert scanned
+    probs = np.array([[float(r[f"p_{g}"]) for g in "01234"] for r in scanned])
+    assert [r["prediction"] for r in scanned] == [str(k) for k in predict_classes(probs, cuts)]

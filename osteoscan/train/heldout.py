@@ -5,6 +5,10 @@ out-of-fold (K-fold) predictions. With K folds the reported combined / covariate
 *cross-fitted* (stacker fitted on the other folds' OOF rows), so no reported number comes from a
 model that saw the rows it is scored on. The screening threshold reaches ``target_sensitivity``
 on those held-out scores; rows scanned without covariates get the image-only threshold.
+
+An ordinal model also gets grade cut-offs (:mod:`osteoscan.grades`), fitted on the same rows as
+the threshold; with K folds the reported grades of each fold come from cut-offs fitted on the
+other folds, like the fusion.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 
 from osteoscan.covariates import Covariates
 from osteoscan.fusion import apply_covariates_only, apply_fusion, fit_fusion
+from osteoscan.grades import cross_fitted_predictions, fit_grade_cutoffs, predict_classes
 from osteoscan.metrics import classification_metrics
 from osteoscan.train.calibrate import positive_score, screening_threshold
 from osteoscan.train.recipe import TrainConfig
@@ -32,6 +37,22 @@ class _Rows:
         self.sexes = [c.sex for c in covs]
         self.has_cov = np.array([not c.is_empty() for c in covs])
         self.is_pos = np.isin(y, self.pos_idx)
+        self.cutoffs: list[float] | None = None  # ordinal models: fitted by fit_cutoffs
+        self.fold_of: np.ndarray | None = None
+
+    def fit_cutoffs(self, rows: np.ndarray, probs: np.ndarray) -> list[float] | None:
+        """Grade cut-offs of an ordinal model fitted on ``rows`` (None for other models)."""
+        if self.cfg.ordinal and len(rows):
+            self.cutoffs = fit_grade_cutoffs(probs, self.y[rows])
+        return self.cutoffs
+
+    def predicted(self, rows: np.ndarray, probs: np.ndarray) -> np.ndarray | None:
+        """Reported grades of ``rows`` (None: argmax). Cross-fitted over folds when known."""
+        if self.cutoffs is None:
+            return None
+        if self.fold_of is not None:
+            return cross_fitted_predictions(probs, self.y[rows], self.fold_of[rows])
+        return predict_classes(probs, self.cutoffs)
 
     def threshold(self, rows: np.ndarray, probs: np.ndarray) -> float:
         score = positive_score(probs, self.pos_idx)
@@ -60,6 +81,7 @@ class _Rows:
         return classification_metrics(
             self.y[rows], probs, self.classes, list(self.cfg.positive), threshold,
             n_boot=self.cfg.n_boot, seed=self.cfg.seed, ordinal=self.cfg.ordinal,
+            pred=self.predicted(rows, probs),
         )  # fmt: skip
 
 
@@ -87,9 +109,13 @@ def evaluate_heldout(
     rows to report on. K-fold mode passes the OOF rows as both, with ``fold_of`` to cross-fit.
     Returns (fusion, threshold, image-only threshold, metrics, {variant: eval probabilities}):
     with fusion, ``threshold`` is for fused scores and rows scanned without covariates (scored on
-    the image alone) need the image-only one; without fusion that is ``None``.
+    the image alone) need the image-only one; without fusion that is ``None``. An ordinal
+    model's grade cut-offs (fitted on the image-only ``cal_probs``) are in
+    ``metrics["grade_cutoffs"]``.
     """
     r = _Rows(cfg, classes, y, covs)
+    r.fold_of = fold_of
+    cutoffs = r.fit_cutoffs(cal, cal_probs)
     fusion = r.fit(cal, cal_probs)
     out: dict[str, np.ndarray] = {"image_only": ev_probs}
     img_thr = threshold = r.threshold(cal, cal_probs)
@@ -110,4 +136,6 @@ def evaluate_heldout(
             metrics["covariates_only"] = r.metrics(ev[ok_ev], cov_ev[ok_ev], cthr)
             out["covariates_only"] = cov_ev
     metrics["coverage"] = {"rows": int(len(ev)), "with_covariates": int(r.has_cov[ev].sum())}
+    if cutoffs is not None:
+        metrics["grade_cutoffs"] = cutoffs
     return fusion, float(threshold), None if fusion is None else float(img_thr), metrics, out

@@ -14,6 +14,9 @@ Pipeline (:func:`train`):
 4. Split and members (:mod:`~osteoscan.train.members`): one stratified group-aware
    train/val/test split, or K folds whose models are the ensemble's members, each with a
    temperature (:func:`~osteoscan.train.calibrate.fit_temperature`).
+   Under ``torchrun`` the members are spread over the processes, or one member is trained with
+   DistributedDataParallel (:mod:`~osteoscan.train.distributed`); rank 0 alone reads the data
+   and does the steps after this one.
 5. Fusion + operating point + held-out metrics (:mod:`~osteoscan.train.heldout`), with bootstrap
    intervals, into the manifest and the card, with the fingerprints of the training images
    (:mod:`~osteoscan.train.fingerprints`).
@@ -24,6 +27,7 @@ The core reports progress through a callback of :class:`~osteoscan.train.loop.Tr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -49,6 +53,7 @@ from osteoscan.runtime import select_device
 from osteoscan.train.cache import ImageCache
 from osteoscan.train.data import load_labelled, resolve_positive
 from osteoscan.train.dedup import DedupResult, find_duplicates
+from osteoscan.train.distributed import Dist, fit_members_distributed, launch, shutdown
 from osteoscan.train.fingerprints import fingerprint_record
 from osteoscan.train.heldout import evaluate_heldout
 from osteoscan.train.images import TrainingSet, build_training_set, refuse_unusable
@@ -263,14 +268,25 @@ def _evaluate(cfg: TrainConfig, d: _Data, members: Members) -> tuple[Any, ...]:
     return ev, ev_probs, *res
 
 
-def train_models(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
-    """Run the whole pipeline in memory; see the module docstring. :func:`train` saves it."""
+def _with_cutoffs(target: dict[str, Any] | None, cutoffs: list[float] | None) -> Any:
+    """The manifest's ``target``, with an ordinal model's grade cut-offs (osteoscan.grades)."""
+    return target if not cutoffs or not target else {**target, "grade_cutoffs": cutoffs}
+
+
+def train_models(
+    cfg: TrainConfig, progress: ProgressFn | None = None, dist: Dist | None = None
+) -> TrainResult:
+    """Run the whole pipeline in memory; see the module docstring. :func:`train` saves it.
+
+    ``dist``: rank 0 of a torchrun launch (:func:`~osteoscan.train.distributed.launch`).
+    """
     cfg.validate()
     emit = progress or (lambda _e: None)
     t_start = time.perf_counter()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = select_device(cfg.device)
+    device = dist.device(device) if dist is not None else device
     d = _load_data(cfg, emit)
     timings = {"read_s": time.perf_counter() - t_start}
     split = make_split(cfg, d.labels, d.dedup.group_of, set(d.dedup.dropped))
@@ -278,9 +294,14 @@ def train_models(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainR
     parts = fold_parts(cfg, split, d.labels, d.dedup.group_of)
     t_fit = time.perf_counter()
     pos_idx = [d.classes.index(c) for c in cfg.positive]
-    members = fit_members(
-        cfg, d.X, d.y, parts, len(d.classes), pos_idx, device, emit, tscores=d.tscores
-    )
+    fit_args = (d.X, d.y, parts, len(d.classes), pos_idx)
+    if dist is None:
+        members = fit_members(cfg, *fit_args, device, emit, tscores=d.tscores)
+    else:
+        dist.share((*fit_args, d.tscores), "data")  # the other ranks wait in _serve for this
+        fitted = fit_members_distributed(dist, cfg, *fit_args, device, emit, tscores=d.tscores)
+        assert fitted is not None  # rank 0 gets every member
+        members = fitted
     timings["fit_s"] = time.perf_counter() - t_fit
     timings["read_img_s"] = len(d.ts.files) / max(timings["read_s"], 1e-9)
 
@@ -304,7 +325,8 @@ def train_models(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainR
         created_at=utc_now(),
         osteoscan_version=__version__,
         extra={"train_config": cfg.to_dict(), "timings": timings},
-        training_fingerprints=_fingerprints(d, parts), target=members.target(),
+        training_fingerprints=_fingerprints(d, parts),
+        target=_with_cutoffs(members.target(), metrics.pop("grade_cutoffs", None)),
     )  # fmt: skip
     final = eval_probs.get("combined", ev_probs)
     report = render_report(d.y[ev], final, d.classes, list(cfg.positive), members.history)
@@ -315,18 +337,42 @@ def train_models(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainR
     )
 
 
-def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> Path:
-    """Train per ``cfg`` and write the model package to ``cfg.out``; returns its path."""
+def _serve(dist: Dist, cfg: TrainConfig) -> None:
+    """A rank other than 0: fit this rank's members on rank 0's data, hand them over."""
+    cfg.validate()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = dist.device(select_device(cfg.device))
+    X, y, parts, n_classes, pos_idx, tscores = dist.share(None, "data")
+    fit_members_distributed(dist, cfg, X, y, parts, n_classes, pos_idx, device,
+                            lambda _e: None, tscores=tscores)  # fmt: skip
+
+
+def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> Path | None:
+    """Train per ``cfg`` and write the model package to ``cfg.out``; returns its path.
+
+    Under ``torchrun`` every rank calls this: rank 0 returns the path, the others ``None``
+    (they write nothing and report no progress).
+    """
     if cfg.out is None:
         raise UsageError("--out is required")
-    try:  # fail now, not after an hour of training
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create --out {cfg.out}: {exc}") from exc
-    result = train_models(cfg, progress)
-    path = save_package(
-        cfg.out, result.manifest, result.models, card=result.card, report=result.report
-    )
+    dist = launch(cfg.device, cfg.num_threads)
+    try:
+        guard = dist.guard() if dist is not None else contextlib.nullcontext()
+        with guard:
+            if dist is not None and dist.rank != 0:
+                _serve(dist, cfg)
+                return None
+            try:  # fail now, not after an hour of training
+                Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create --out {cfg.out}: {exc}") from exc
+            result = train_models(cfg, progress, dist)
+            path = save_package(
+                cfg.out, result.manifest, result.models, card=result.card, report=result.report
+            )
+    finally:
+        shutdown()
     if progress:
         progress(TrainEvent("done", message=str(path)))
     return path
