@@ -206,16 +206,22 @@ def _run(ctx: typer.Context) -> None:
         cfg.augment.enabled = ctx.params["augment"]
     if not Path(ctx.params["data"]).exists():
         raise UsageError(f"--data {ctx.params['data']}: no such file or folder")
+    from osteoscan.train.distributed import launched
+    from osteoscan.train.trainer import train  # heavy imports only when running
+
+    where = launched()  # under torchrun: rank 0 alone reports
+    t0 = time.perf_counter()
+    if where is not None and where[0] != 0:
+        train(cfg)
+        return
     console = Console(stderr=True)
     quiet = ctx.params["quiet"] or not console.is_terminal
     renderer = LogRenderer(console) if quiet else RichRenderer(console)
-    from osteoscan.train.trainer import train  # heavy imports only when running
-
-    t0 = time.perf_counter()
     try:
         path = train(cfg, progress=renderer)
     finally:
         renderer.close()
+    assert path is not None  # a single process and rank 0 write the package
     _summary(report_console(), path)
     console.print(
         f"trained in {time.perf_counter() - t0:.1f} s → {path}", highlight=False, soft_wrap=True

@@ -172,14 +172,15 @@ class Members:
 
 
 def _fit_one(cfg: TrainConfig, arch: str, model: nn.Module, X: torch.Tensor, y: np.ndarray,
-             tr: list[int], va: list[int], common: dict[str, Any]) -> FitResult:  # fmt: skip
+             tr: list[int], va: list[int], common: dict[str, Any],
+             fit: Callable[..., FitResult] | None = None) -> FitResult:  # fmt: skip
     if cfg.method == "probe":
         common = {k: v for k, v in common.items() if k != "objective"}
         return fit_linear_probe(
             model, arch, X[tr], y[tr], X[va], y[va], c=cfg.probe_c,
             n_components=cfg.probe_components, channels_last=cfg.channels_last, **common,
         )  # fmt: skip
-    return fit_member(
+    return (fit or fit_member)(
         model, X[tr], y[tr], X[va], y[va], cfg=cfg, stages=_stages(cfg, arch), **common
     )
 
@@ -205,6 +206,105 @@ def _speed(history: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
+@dataclass
+class MemberFit:
+    """One trained member as plain data (CPU tensors, arrays): what a process hands to rank 0.
+
+    ``index`` is the member's place in :func:`member_plan`; ``state`` the weights of the
+    class-logit network; ``logits_held``/``val_logits`` its raw held-out and validation logits.
+    """
+
+    index: int
+    arch: str
+    fold: int
+    spec: MemberSpec
+    state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    temperature: float
+    held: list[int]
+    val: list[int]
+    logits_held: np.ndarray
+    val_logits: np.ndarray
+    record: dict[str, Any] | None
+
+
+def member_plan(cfg: TrainConfig, parts: list[FoldParts]) -> list[tuple[str, int]]:
+    """(architecture, fold) of every member, in member order (architecture-major)."""
+    return [(arch, k) for arch in cfg.archs for k in range(len(parts))]
+
+
+def fit_member_at(
+    cfg: TrainConfig, X: torch.Tensor, y: np.ndarray, parts: list[FoldParts], index: int,
+    n_classes: int, pos_idx: list[int], device: torch.device, emit: Callable[[TrainEvent], None],
+    tscores: np.ndarray | None = None, fit: Callable[..., FitResult] | None = None,
+) -> tuple[MemberFit, nn.Module]:  # fmt: skip
+    """Train member ``index`` of :func:`member_plan` (its seed depends on nothing else).
+
+    ``fit`` replaces :func:`~osteoscan.train.loop.fit_member` (the distributed data-parallel
+    fit of :mod:`osteoscan.train.ddp`); it takes the same arguments.
+    """
+    plan = member_plan(cfg, parts)
+    arch, k = plan[index]
+    tr, va, held = parts[k]
+    spec = get_arch(arch)
+    pretrained: bool | Path = False if cfg.random_init else (cfg.weights or True)
+    seed = cfg.seed + 1000 * cfg.archs.index(arch) + k
+    torch.manual_seed(seed)
+    targets = tscores if cfg.target == "tscore" and tscores is not None else y
+    objective = make_objective(cfg.target, cfg.ordinal, n_classes, pos_idx,
+                               cfg.label_smoothing, targets[tr])  # fmt: skip
+    model = create_model(arch, objective.n_outputs(), pretrained=pretrained)
+    if pretrained is not False:
+        _fresh_head(model, arch)
+    objective.prepare(model, arch)
+    common: dict[str, Any] = {
+        "n_classes": n_classes, "positive_idx": pos_idx, "mean": spec.mean,
+        "std": spec.std, "device": device, "seed": seed, "progress": emit,
+        "member": index, "n_members": len(plan), "objective": objective,
+    }  # fmt: skip
+    res = _fit_one(cfg, arch, model, X, targets, tr, va, common, fit)
+    temp = fit_temperature(res.val_logits, y[va]) if objective.calibrate_temperature else 1.0
+    logits_h = predict_logits(model, X[held], mean=spec.mean, std=spec.std, device=device,
+                              channels_last=cfg.channels_last, progress=_progress(
+                                  emit, "scoring held-out images", index, len(plan)))  # fmt: skip
+    kfold = cfg.folds >= 2
+    member_spec = MemberSpec.for_arch(
+        arch, input_size=X.shape[-1], temperature=float(temp), fold=k if kfold else None,
+        pretrained=str(getattr(model, "pretrained_source", "")),
+        metrics={"val_auc": res.best_val_auc, "best_epoch": res.best_epoch,
+                 "n_train": len(tr), "n_val": len(va), **_speed(res.history)},
+    )  # fmt: skip
+    model = model.to("cpu").eval()
+    state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    out = MemberFit(index, arch, k, member_spec, state, res.history, float(temp), list(held),
+                    list(va), logits_h, res.val_logits, objective.record())  # fmt: skip
+    return out, model
+
+
+def add_member(out: Members, fit: MemberFit, model: nn.Module, kfold: bool) -> None:
+    """Accumulate one trained member's calibrated scores, spec, history and model into ``out``.
+
+    Members must be added in :func:`member_plan` order (sums in one order: equal packages).
+    """
+    held, va, temp = fit.held, fit.val, fit.temperature
+    probs_h = softmax(fit.logits_held, temp)
+    out.held_sum[held] += probs_h
+    out.held_cnt[held] += 1
+    if fit.record is not None:
+        out.targets.append(fit.record)
+    if fit.record is not None and fit.record.get("kind") == "tscore":
+        out.held_t[held] += tscore_from_probs(
+            probs_h[:, None, :], [float(fit.record["scale"]) * temp]
+        )
+    out.cal_sum[va] += softmax(fit.val_logits, temp)
+    out.cal_cnt[va] += 1
+    if kfold:
+        out.fold_of[held] = fit.fold
+    out.specs.append(fit.spec)
+    out.history += [{"member": f"m{len(out.models)}", **row} for row in fit.history]
+    out.models.append(model)
+
+
 def fit_members(
     cfg: TrainConfig, X: torch.Tensor, y: np.ndarray, parts: list[FoldParts], n_classes: int,
     pos_idx: list[int], device: torch.device, emit: Callable[[TrainEvent], None],
@@ -214,55 +314,13 @@ def fit_members(
 
     ``X`` holds the uint16 model inputs (N, 1, S, S), ``y`` class indices, ``parts`` the
     (train, val, held-out) indices of each fold (:func:`fold_parts`); ``tscores`` the T-scores
-    a ``--target tscore`` member regresses on.
+    a ``--target tscore`` member regresses on. :mod:`osteoscan.train.distributed` spreads the
+    same :func:`fit_member_at` calls over processes.
     """
-    kfold = cfg.folds >= 2
     out = Members(n=len(y), n_classes=n_classes)
-    n_members = len(cfg.archs) * len(parts)
-    pretrained: bool | Path = False if cfg.random_init else (cfg.weights or True)
-    for a, arch in enumerate(cfg.archs):
-        spec = get_arch(arch)
-        for k, (tr, va, held) in enumerate(parts):
-            seed = cfg.seed + 1000 * a + k
-            torch.manual_seed(seed)
-            targets = tscores if cfg.target == "tscore" and tscores is not None else y
-            objective = make_objective(cfg.target, cfg.ordinal, n_classes, pos_idx,
-                                       cfg.label_smoothing, targets[tr])  # fmt: skip
-            model = create_model(arch, objective.n_outputs(), pretrained=pretrained)
-            if pretrained is not False:
-                _fresh_head(model, arch)
-            objective.prepare(model, arch)
-            common: dict[str, Any] = {
-                "n_classes": n_classes, "positive_idx": pos_idx, "mean": spec.mean,
-                "std": spec.std, "device": device, "seed": seed, "progress": emit,
-                "member": len(out.models), "n_members": n_members, "objective": objective,
-            }  # fmt: skip
-            res = _fit_one(cfg, arch, model, X, targets, tr, va, common)
-            fit_t = objective.calibrate_temperature
-            temp = fit_temperature(res.val_logits, y[va]) if fit_t else 1.0
-            logits_h = predict_logits(model, X[held], mean=spec.mean, std=spec.std, device=device,
-                                      channels_last=cfg.channels_last, progress=_progress(
-                                          emit, "scoring held-out images", len(out.models),
-                                          n_members))  # fmt: skip
-            out.held_sum[held] += softmax(logits_h, temp)
-            out.held_cnt[held] += 1
-            record = objective.record()
-            if record is not None:
-                out.targets.append(record)
-            if record is not None and record.get("kind") == "tscore":
-                out.held_t[held] += tscore_from_probs(
-                    softmax(logits_h, temp)[:, None, :], [float(record["scale"]) * temp]
-                )
-            out.cal_sum[va] += softmax(res.val_logits, temp)
-            out.cal_cnt[va] += 1
-            if kfold:
-                out.fold_of[held] = k
-            out.specs.append(MemberSpec.for_arch(
-                arch, input_size=X.shape[-1], temperature=float(temp), fold=k if kfold else None,
-                pretrained=str(getattr(model, "pretrained_source", "")),
-                metrics={"val_auc": res.best_val_auc, "best_epoch": res.best_epoch,
-                         "n_train": len(tr), "n_val": len(va), **_speed(res.history)},
-            ))  # fmt: skip
-            out.history += [{"member": f"m{len(out.models)}", **row} for row in res.history]
-            out.models.append(model.to("cpu").eval())
+    for index in range(len(member_plan(cfg, parts))):
+        fit, model = fit_member_at(
+            cfg, X, y, parts, index, n_classes, pos_idx, device, emit, tscores=tscores
+        )
+        add_member(out, fit, model, kfold=cfg.folds >= 2)
     return out

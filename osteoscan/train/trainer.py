@@ -298,7 +298,8 @@ def train_models(
     if dist is None:
         members = fit_members(cfg, *fit_args, device, emit, tscores=d.tscores)
     else:
-        dist.share((*fit_args, d.tscores), "data")  # the other ranks wait in _serve for this
+        # The other ranks wait in _serve for this (uint16 tensors do not pickle: NumPy does).
+        dist.share((d.X.numpy(), *fit_args[1:], d.tscores), "data")
         fitted = fit_members_distributed(dist, cfg, *fit_args, device, emit, tscores=d.tscores)
         assert fitted is not None  # rank 0 gets every member
         members = fitted
@@ -344,7 +345,7 @@ def _serve(dist: Dist, cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.num_threads)
     device = dist.device(select_device(cfg.device))
     X, y, parts, n_classes, pos_idx, tscores = dist.share(None, "data")
-    fit_members_distributed(dist, cfg, X, y, parts, n_classes, pos_idx, device,
+    fit_members_distributed(dist, cfg, torch.from_numpy(X), y, parts, n_classes, pos_idx, device,
                             lambda _e: None, tscores=tscores)  # fmt: skip
 
 
