@@ -32,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from osteoscan.train.augment import RandomAffine
+from osteoscan.train.frozen import FrozenPrefix, split_frozen
 from osteoscan.train.objectives import ClassObjective
 from osteoscan.train.recipe import TrainConfig
 
@@ -252,6 +253,28 @@ class _Fit:
         n_out = objective.n_outputs()
         self.best = _Best(logits=np.zeros((len(self.val_y), n_out), dtype=np.float32))
         self.epoch = 0
+        self.cache: FrozenPrefix | None = None  # this stage's frozen-prefix features, if any
+        self.view_gen = torch.Generator().manual_seed(seed + 2)
+
+    def cache_frozen(self) -> None:
+        """With ``feature_views``, compute this stage's frozen prefix once (train.frozen)."""
+        self.cache = None
+        split = split_frozen(self.model) if self.cfg.feature_views > 0 else None
+        if split is None:
+            return
+        # A frozen-everything stage trains a linear head: augmented copies add little there.
+        views = 1 if split.where == "the classifier" else self.cfg.feature_views
+
+        def progress(done: int, total: int) -> None:
+            self.event("progress", message=f"caching frozen features (training {split.where})",
+                       epoch=self.epoch, step=done, n_steps=total)  # fmt: skip
+
+        self.model.eval()
+        self.cache = FrozenPrefix(
+            split, self.tx, self.val_x, views=views, augment=self.augment,
+            norm=(self.mean, self.std), channels_last=self.cfg.channels_last,
+            batch_size=self.cfg.batch_size * 2, progress=progress,
+        )  # fmt: skip
 
     def validate(self) -> tuple[np.ndarray, float, float]:
         """(validation logits, loss, positive-vs-rest AUC) of the model as it is."""
@@ -260,11 +283,16 @@ class _Fit:
             self.event("progress", message="validating", epoch=self.epoch, step=done,
                        n_steps=total)  # fmt: skip
 
-        logits = predict_logits(
+        if self.cache is not None:
+            self.model.eval()
+            bs = self.cfg.batch_size * 2
+            logits = self.cache.val_logits(self.device, bs).numpy().astype(np.float32)
+        else:
+            logits = predict_logits(
             self.model, self.val_x, mean=self.mean, std=self.std, device=self.device,
-            batch_size=self.cfg.batch_size * 2, channels_last=self.cfg.channels_last, amp=self.amp,
-            progress=progress,
-        )  # fmt: skip
+                batch_size=self.cfg.batch_size * 2, channels_last=self.cfg.channels_last,
+                amp=self.amp, progress=progress,
+            )  # fmt: skip
         if len(self.val_y) == 0:
             return logits, float("nan"), float("nan")
         return logits, *self.objective.validate(logits, self.val_y)
@@ -275,10 +303,13 @@ class _Fit:
         cfg, dev = self.cfg, self.device
         total, count = 0.0, 0
         for i, idx in enumerate(_batches(self.tx.shape[0], cfg.batch_size, self.gen)):
-            xb = to_model_input(self.augment(self.tx[idx.to(dev)]), self.mean, self.std,
-                                cfg.channels_last)  # fmt: skip
             with _autocast(dev, self.amp):
-                logits = self.model(xb)
+                if self.cache is not None:
+                    logits = self.cache.split.rest(self.cache.batch(idx, self.view_gen, dev))
+                else:
+                    xb = to_model_input(self.augment(self.tx[idx.to(dev)]), self.mean, self.std,
+                                        cfg.channels_last)  # fmt: skip
+                    logits = self.model(xb)
             loss = self.objective.loss(logits, self.ty[idx.to(dev)], self.weight)
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -304,6 +335,7 @@ class _Fit:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             return
+        self.cache_frozen()
         opt = _make_optimizer(params, cfg, stage.lr)
         steps = len(_batches(self.tx.shape[0], cfg.batch_size, torch.Generator().manual_seed(0)))
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -338,6 +370,7 @@ class _Fit:
             self.event("epoch_end", stage=stage.name, epoch=self.epoch, metrics=dict(row))
             if stale >= cfg.patience:
                 break
+        self.cache = None  # the next stage freezes less: its prefix differs
 
 
 def fit_member(

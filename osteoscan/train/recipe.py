@@ -121,6 +121,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = 5.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # > 0: compute the frozen lower layers once per stage for this many versions of each
+    # training image (the image and views - 1 augmentations) and train only the rest on them
+    # (osteoscan.train.frozen): ~2x faster epochs on a CPU, fixed augmented copies instead of
+    # fresh ones. 0: every epoch runs the whole network on freshly augmented images.
+    feature_views: int = 0
     # --- runtime --------------------------------------------------------------------------
     device: str = "auto"
     amp: bool | None = None  # None: on for CUDA, off for CPU
@@ -154,6 +159,8 @@ class TrainConfig:
             raise UsageError("stage-1 epochs must be between 0 and --epochs")
         if not 0.0 < self.target_sensitivity <= 1.0:
             raise UsageError("--target-sensitivity must be in (0, 1]")
+        if self.feature_views < 0:
+            raise UsageError("feature views must be >= 0")
         if self.batch_size < 2:
             raise UsageError("--batch-size must be >= 2 (batch norm needs two images)")
         if self.folds < 0 or self.folds == 1 and not 0 < self.test_fraction < 1:
@@ -238,16 +245,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "folds": 1,
         "val_fraction": 0.10,
         "test_fraction": 0.05,
-        "epochs": 7,
-        "stage1_epochs": 1,
+        "epochs": 14,
+        "stage1_epochs": 3,
         "unfreeze_blocks": 4,
+        "feature_views": 2,
         "batch_size": 32,
         "optimizer": "adamw",
         "lr": 1e-3,
         "lr_stage2": 3e-4,
         "weight_decay": 1e-4,
         "schedule": "cosine",
-        "patience": 3,
+        "patience": 4,
         "class_weights": False,
         "augment": {"rotation": 10.0, "shift": 0.06, "shear": 0.05, "zoom": 0.1, "hflip": 0.5},
         "n_boot": 1000,
