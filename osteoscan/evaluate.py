@@ -299,10 +299,11 @@ def evaluate_model(
     from osteoscan.load import single_model_loader
     from osteoscan.package import load_package
     from osteoscan.preprocess import PreprocessConfig
-    from osteoscan.runtime import select_device
+    from osteoscan.runtime import configure_allocator, select_device
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    configure_allocator()  # the page-fault storm of big activations (osteoscan.runtime)
     samples, data_classes = load_labelled(data)
     cols = list(covariate_columns)
     if len(cols) != 3:
