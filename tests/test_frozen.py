@@ -87,6 +87,8 @@ def test_fit_with_cached_features_is_reproducible_and_learns() -> None:
                          positive_idx=[2], seed=0,
                          progress=lambda e: events.append(e.message))  # fmt: skip
         assert any(m.startswith("caching frozen features (training blocks") for m in events)
+        # Each stage's one-off caching pass is timed on its first epoch's row.
+        assert [bool(h.get("cache_s")) for h in res.history] == [True, False, True, False]
         return (
             [h["train_loss"] for h in res.history],
             res.state_dict,

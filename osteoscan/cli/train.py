@@ -36,6 +36,9 @@ Stage1Opt = Annotated[int | None, Opt("--stage1-epochs", help="Epochs training t
                                       "frozen backbone (0: one stage).")]  # fmt: skip
 UnfreezeOpt = Annotated[int | None, Opt("--unfreeze-blocks", help="Top blocks unfrozen in stage 2 "
                                         "(-1: all).")]  # fmt: skip
+ViewsOpt = Annotated[int | None, Opt("--feature-views", help="Compute frozen layers once per stage "
+                                     "for the image + N-1 augmented copies and train the rest on "
+                                     "them (~2x faster on CPU; 0: off).")]  # fmt: skip
 LrOpt = Annotated[float | None, Opt("--lr", help="Learning rate of stage 1 (or of single-stage "
                                     "training).")]  # fmt: skip
 Lr2Opt = Annotated[float | None, Opt("--lr-stage2", help="Learning rate of stage 2.")]
@@ -185,8 +188,8 @@ def _overrides(ctx: typer.Context) -> dict[str, Any]:
     if cols is not None and len(cols) != 3:
         raise UsageError("--covariate-columns needs three names: path,age,sex")
     pre = {k: p[k] for k in ("roi", "clahe") if p[k] is not None}
-    same = ("data", "out", "folds", "epochs", "stage1_epochs", "unfreeze_blocks", "lr",
-            "lr_stage2", "optimizer", "schedule", "patience", "target_sensitivity", "device",
+    same = ("data", "out", "folds", "epochs", "stage1_epochs", "unfreeze_blocks", "feature_views",
+            "lr", "lr_stage2", "optimizer", "schedule", "patience", "target_sensitivity", "device",
             "seed", "weights", "size", "batch_size", "cache_dir", "method", "probe_c")  # fmt: skip
     return {
         **{k: p[k] for k in same},
@@ -235,7 +238,8 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         ctx: typer.Context, data: DataOpt, out: OutOpt, arch: ArchOpt = None,
         preset: PresetOpt = "default", folds: FoldsOpt = None, epochs: EpochsOpt = None,
-        stage1_epochs: Stage1Opt = None, unfreeze_blocks: UnfreezeOpt = None, lr: LrOpt = None,
+        stage1_epochs: Stage1Opt = None, unfreeze_blocks: UnfreezeOpt = None,
+        feature_views: ViewsOpt = None, lr: LrOpt = None,
         lr_stage2: Lr2Opt = None, optimizer: OptimOpt = None, schedule: SchedOpt = None,
         patience: PatienceOpt = None, augment: AugmentOpt = None, positive: PositiveOpt = None,
         classes: ClassesOpt = None, ordinal: OrdinalOpt = False, target: TargetOpt = "class",

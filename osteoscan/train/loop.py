@@ -335,7 +335,9 @@ class _Fit:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             return
+        t_cache = time.perf_counter()
         self.cache_frozen()
+        cache_s = time.perf_counter() - t_cache if self.cache is not None else 0.0
         opt = _make_optimizer(params, cfg, stage.lr)
         steps = len(_batches(self.tx.shape[0], cfg.batch_size, torch.Generator().manual_seed(0)))
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -366,6 +368,8 @@ class _Fit:
                    "seconds": t_end - t0, "best": improved,
                    "train_img_s": _rate(self.tx.shape[0], t_val - t0),
                    "val_img_s": _rate(len(self.val_y), t_end - t_val)}  # fmt: skip
+            if cache_s:  # the stage's one-off frozen-feature pass, on its first epoch's row
+                row["cache_s"], cache_s = cache_s, 0.0
             history.append(row)
             self.event("epoch_end", stage=stage.name, epoch=self.epoch, metrics=dict(row))
             if stale >= cfg.patience:
