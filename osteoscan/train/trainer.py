@@ -217,15 +217,20 @@ def _fingerprints(d: _Data, parts: list[FoldParts]) -> dict[str, Any]:
 
 
 def _throughput(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Training speed per stage over all members: median images/s (``<stage>_img_s``) and the
-    median validation forward rate (``val_img_s``)."""
+    """Training speed per stage over all members: median images/s (``<stage>_img_s``), the
+    median validation forward rate (``val_img_s``) and the seconds spent caching frozen
+    features (``frozen_features_s``)."""
     rates: dict[str, list[float]] = {}
     for row in history:
         if row.get("train_img_s"):
             rates.setdefault(f"{row.get('stage')}_img_s", []).append(float(row["train_img_s"]))
         if row.get("val_img_s"):
             rates.setdefault("val_img_s", []).append(float(row["val_img_s"]))
-    return {k: float(np.median(v)) for k, v in rates.items()}
+    out = {k: float(np.median(v)) for k, v in rates.items()}
+    cache = sum(float(row.get("cache_s") or 0.0) for row in history)
+    if cache:  # one-off frozen-feature passes (train.frozen): not in the per-epoch rates
+        out["frozen_features_s"] = cache
+    return out
 
 
 def _evaluation_text(cfg: TrainConfig) -> str:
