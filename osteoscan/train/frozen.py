@@ -111,10 +111,13 @@ class FrozenPrefix:
         self._norm, self._cl, self._bs = norm, channels_last, batch_size
         total = self.views * train_x.shape[0] + val_x.shape[0]
         self._done, self._total, self._progress = 0, total, progress
-        train = [self._features(train_x, None, torch.float16)]
-        for _ in range(1, self.views):
-            train.append(self._features(train_x, augment, torch.float16))
-        self.train = torch.stack(train)  # (views, N, ...)
+        first = self._features(train_x, None, torch.float16)
+        # (views, N, ...), filled in place: stacking a list would hold every view twice.
+        self.train = torch.empty((self.views, *first.shape), dtype=torch.float16)
+        self.train[0] = first
+        del first
+        for v in range(1, self.views):
+            self.train[v] = self._features(train_x, augment, torch.float16)
         self.val = self._features(val_x, None, torch.float32)
 
     @torch.inference_mode()
