@@ -11,7 +11,9 @@ Stages, each measured alone, then together:
 ``limiting_stage`` is the slower of read and model (the two that run in parallel in a scan);
 ``end_to_end_vs_limiting`` should be close to 1 when workers and model share the cores well.
 Without paths, knee radiograph JPEGs (synthetic, ``image_size`` px) are generated in a temp dir.
-Thread settings are those of a scan (:func:`osteoscan.runtime.configure_cpu`).
+Thread settings are those of a scan (:func:`osteoscan.runtime.configure_cpu`). ``trunk_graph``
+says whether the model ran its trunk as the frozen CPU graph (:mod:`osteoscan.fastpath`), as a
+scan of that package on that device does.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ def run_bench(
             device=str(dev), n_images=len(files), model=models[0].label,
             model_input_size=models[0].preprocess.size, allocator_tuned=allocator,
             synthetic=not paths, image_size=None if paths else image_size,
+            trunk_graph=any(g.fast is not None for g in models[0].ensemble.groups),
         )  # fmt: skip
     return result
 

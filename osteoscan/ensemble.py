@@ -19,7 +19,9 @@ head's gradient, and are fused as before.
 
 On CUDA the forward runs under autocast (bf16 where the GPU supports it, else fp16) with
 channels_last weights and inputs; on CPU never autocast (slow and inexact there), only
-channels_last.
+channels_last, and each trunk up to its Grad-CAM layer runs as one frozen oneDNN graph where the
+architecture allows (:mod:`osteoscan.fastpath`: ~1.7x, probabilities within 1e-5 of the eager
+model); plain and Grad-CAM rows take their activation from the same graph.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class Ensemble:
     ``cam_layers`` optionally overrides each member's Grad-CAM layer (dotted module path);
     by default it comes from the architecture registry (``get_arch(arch).cam_layer``).
     ``share_trunks=False`` runs every member's whole model even where trunks are identical.
+    ``fast_cpu=False`` keeps the eager trunks on CPU (see :mod:`osteoscan.fastpath`).
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class Ensemble:
         *,
         cam_layers: Sequence[str] | None = None,
         share_trunks: bool = True,
+        fast_cpu: bool = True,
     ) -> None:
         self.package = pkg
         self.manifest = pkg.manifest
@@ -179,6 +183,11 @@ class Ensemble:
             [(s.mean, s.std, s.input_size, p) for s, p in zip(specs, self._cam_paths, strict=True)],
             share=share_trunks,
         )
+        if fast_cpu and self.device.type == "cpu" and self.amp_dtype is None:
+            for g in self.groups:
+                size = self.specs[g.members[0]].input_size or self.input_size
+                g.enable_fast(get_module(self.models[g.members[0]], self._cam_paths[g.members[0]]),
+                              _pair(size))  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -41,6 +41,7 @@ from pydicom.uid import UID
 
 from osteoscan.frames import ImageFrame
 from osteoscan.inert import dicom_value, valid_uid
+from osteoscan.quantiles import integer_levels, level_values, percentiles_from_counts
 
 __all__ = ["GateCode", "Decision", "decide", "dicom_decision", "content_decision"]
 
@@ -235,6 +236,36 @@ def _sample(image: np.ndarray) -> np.ndarray:
     return np.asarray(image[::step, ::step], dtype=np.float32)
 
 
+_GRIDS = {"0..255": 255, "0..65535": 65535}  # the raster reader's info["range"] → levels
+
+
+def _content_stats(s: np.ndarray, info: Mapping[str, Any]) -> tuple[float, float, int, float]:
+    """(1st percentile, 99th percentile, grey levels, white fraction) of the sample ``s``.
+
+    For an 8- or 16-bit raster the sample holds at most 256 (65536) distinct values: all four
+    come from one count of its integer levels, with the same arithmetic per distinct value as
+    per pixel (identical results, ~5x quicker than partitioning for the percentiles).
+    """
+    top = 0 if "colour" in info else _GRIDS.get(str(info.get("range") or ""), 0)
+    levels = integer_levels(s, top) if top else None
+    if levels is None:  # any other image: the plain per-pixel computation
+        lo, hi = (float(v) for v in np.percentile(s, [1, 99]))
+        if hi - lo < 1e-7:
+            return lo, hi, 0, 0.0
+        quantised = np.rint(np.clip((s - lo) / (hi - lo), 0, 1) * 255).astype(np.intp)
+        n_levels = int(np.count_nonzero(np.bincount(quantised.ravel(), minlength=256)))
+        return lo, hi, n_levels, float(np.mean(s >= 0.98))
+    all_counts = np.bincount(levels.ravel(), minlength=top + 1)
+    present = np.flatnonzero(all_counts)
+    values, counts = level_values(top)[present], all_counts[present]
+    lo, hi = (float(v) for v in percentiles_from_counts(values, counts, [1, 99]))
+    if hi - lo < 1e-7:
+        return lo, hi, 0, 0.0
+    quantised = np.rint(np.clip((values - lo) / (hi - lo), 0, 1) * 255).astype(np.intp)
+    white = int(counts[values >= 0.98].sum()) / int(s.size)
+    return lo, hi, int(np.unique(quantised).size), white
+
+
 def content_decision(image: np.ndarray, info: Mapping[str, Any]) -> Decision:
     """The gate for a PNG/JPEG/TIFF/JPEG 2000 frame: a cheap look at its pixels.
 
@@ -247,22 +278,18 @@ def content_decision(image: np.ndarray, info: Mapping[str, Any]) -> Decision:
             GateCode.COLOUR,
             f"colour picture ({colour:.0%} of its pixels are coloured); radiographs are greyscale",
         )
-    s = _sample(image)
-    lo, hi = (float(v) for v in np.percentile(s, [1, 99]))
+    lo, hi, levels, white = _content_stats(_sample(image), info)
     if hi - lo < 1e-7:
         return _skip(
             GateCode.UNIFORM,
             "almost uniform image (at least 98% of its pixels have one value): blank or a "
             "failed export",
         )
-    quantised = np.rint(np.clip((s - lo) / (hi - lo), 0, 1) * 255).astype(np.intp)
-    levels = int(np.count_nonzero(np.bincount(quantised.ravel(), minlength=256)))
     if levels < MIN_GREY_LEVELS:
         return _skip(
             GateCode.FEW_GREY_LEVELS,
             f"only {levels} grey levels: a drawing, chart or screen capture, not a radiograph",
         )
-    white = float(np.mean(s >= 0.98))
     if white >= WHITE_FRACTION:
         return _skip(
             GateCode.MOSTLY_WHITE,

@@ -155,12 +155,15 @@ def _joint_row(
     v = np.zeros(h, np.float32)
     for frac in (0.01, 0.02, 0.04):
         k = max(2, round(frac * h))
-        valley = np.minimum(np.roll(band, k, axis=0), np.roll(band, -k, axis=0)) - band
-        valley[:k] = 0.0
-        valley[-k:] = 0.0
+        if h <= 2 * k:
+            continue
+        # Row i against rows i - k and i + k; the first and last k rows score 0 (no rows there).
+        valley = np.minimum(band[: h - 2 * k], band[2 * k :])
+        valley -= band[k : h - k]
+        np.maximum(valley, 0.0, out=valley)
         # Mean of the positive part: the gap is dark across the whole joint width, while a
         # valley in a few columns (a shaft edge, a label) should not dominate.
-        v = np.maximum(v, np.clip(valley, 0.0, None).mean(axis=1))
+        np.maximum(v[k : h - k], valley.mean(axis=1), out=v[k : h - k])
     k = max(3, round(0.02 * h))
     ex = np.abs(gx[:, c0:c1]).mean(axis=1)
     ey = np.abs(gy[:, c0:c1]).mean(axis=1)
@@ -198,7 +201,9 @@ def detect_knee_joint(image: np.ndarray) -> KneeROI:
         h, w = (image.shape[:2] + (1, 1))[:2] if image.ndim >= 1 else (1, 1)
         return _fallback(max(h, 1), max(w, 1), f"unsupported image shape {image.shape}")
     h, w = image.shape
-    img: np.ndarray = np.nan_to_num(np.asarray(image, np.float32))
+    img: np.ndarray = np.asarray(image, np.float32)
+    if not np.isfinite(img.sum()):  # one cheap pass (an overflowing sum only costs the copy)
+        img = np.nan_to_num(img)
     scale = WORK_SIDE / max(h, w)
     if scale < 1.0:
         img = cv2.resize(

@@ -24,12 +24,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from osteoscan.archs import get_arch, get_module
+from osteoscan.fastpath import FastFeatures, build_fast_features
 from osteoscan.gradcam import CamForward, forward_for_cam
 
 
@@ -146,15 +147,44 @@ def forward_heads_for_cam(
 
 @dataclass
 class TrunkGroup:
-    """Ensemble members (indices, in order) that run one trunk: ``models[members[0]]`` runs it."""
+    """Ensemble members (indices, in order) that run one trunk: ``models[members[0]]`` runs it.
+
+    ``fast`` is the CPU fast path of the trunk (:mod:`osteoscan.fastpath`), when the ensemble
+    enabled it (:meth:`enable_fast`) and it could be built; otherwise the eager model runs.
+    """
 
     members: list[int]
     model: nn.Module
     head: nn.Module
     other_heads: list[nn.Module]
+    fast: FastFeatures | None = None
+    _fast_wanted: tuple[nn.Module, tuple[int, int]] | None = field(default=None, repr=False)
+
+    def enable_fast(self, cam_layer: nn.Module, input_hw: tuple[int, int]) -> None:
+        """Use the fast path from the first batch on (built then: tracing takes ~2 s)."""
+        self._fast_wanted = (cam_layer, input_hw)
+
+    def _fast(self) -> FastFeatures | None:
+        if self._fast_wanted is not None:
+            layer, hw = self._fast_wanted
+            self._fast_wanted = None  # tried once; None from the builder keeps the eager model
+            self.fast = build_fast_features(self.model, layer, hw)
+        return self.fast
+
+    def _heads(self, act: torch.Tensor, fast: FastFeatures) -> list[torch.Tensor]:
+        """Each member's logits from the Grad-CAM activation (the eager rest of the model)."""
+        if not self.other_heads:
+            return [fast.head(act)]
+        with _capture_head_io(self.head) as io:
+            logits = fast.head(act)
+        feats = _features(io, logits)
+        return [logits, *(h(feats) for h in self.other_heads)]
 
     def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """float32 logits of each member on ``x`` (caller's grad / inference / autocast mode)."""
+        fast = self._fast()
+        if fast is not None:
+            return [lg.float() for lg in self._heads(fast.features(x), fast)]
         return [lg.float() for lg in forward_shared(self.model, self.head, self.other_heads, x)]
 
     def cam_forwards(
@@ -163,8 +193,21 @@ class TrunkGroup:
         x: torch.Tensor,
         autocast: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
     ) -> list[CamForward]:
-        """One open Grad-CAM forward per member (:func:`forward_heads_for_cam`)."""
-        return forward_heads_for_cam(self.model, layer, self.head, self.other_heads, x, autocast)
+        """One open Grad-CAM forward per member (:func:`forward_heads_for_cam`).
+
+        With the fast path, the activation comes from the graph (no autograd below it, as in
+        :func:`~osteoscan.gradcam.forward_for_cam`) and only the heads are recorded.
+        """
+        fast = self._fast()
+        if fast is None:
+            return forward_heads_for_cam(
+                self.model, layer, self.head, self.other_heads, x, autocast
+            )
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("Grad-CAM cannot run under torch.inference_mode(); call it outside")
+        act = fast.features(x).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return [CamForward(logits=lg, act=act) for lg in self._heads(act, fast)]
 
 
 def trunk_groups(

@@ -22,6 +22,7 @@ def test_run_bench_on_a_package(tiny_package) -> None:
         assert res[key] > 0
     assert res["limiting_stage"] in {"read", "model"}
     assert res["n_images"] == 8 and res["device"] == "cpu" and res["synthetic"]
+    assert res["trunk_graph"] is False  # tiny_cnn has no forward_features: the eager model ran
 
 
 def test_cli_bench_json_with_paths(tmp_path: Path) -> None:
