@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from osteoscan.quantiles import integer_levels, level_values, percentiles_from_counts
+from osteoscan.readers.raster import _to_float
 
 QS = ([1, 99], [0.5, 99.5], [5], [0, 100], [50, 25.3])
 
@@ -18,6 +19,11 @@ def test_levels_round_trip_exactly_for_every_level(top: int) -> None:
     levels = integer_levels(table.reshape(1, -1), top)
     assert levels is not None
     np.testing.assert_array_equal(levels.ravel(), np.arange(top + 1))
+    # the reader divides in float32: the same number for every level
+    dtype = np.uint8 if top == 255 else np.uint16
+    info: dict[str, object] = {}
+    np.testing.assert_array_equal(_to_float(np.arange(top + 1, dtype=dtype)[None], info)[0], table)
+    assert info["range"] == f"0..{top}"
 
 
 def test_levels_refuse_what_is_not_on_the_grid() -> None:
