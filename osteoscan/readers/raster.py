@@ -83,13 +83,13 @@ def _to_float(arr: np.ndarray, info: dict[str, Any]) -> np.ndarray:
         grey = pixels.luminance(arr[..., [2, 1, 0]])
         info["colour"] = "luminance"
     elif arr.dtype in (np.uint8, np.uint16):
-        top = np.iinfo(arr.dtype).max
-        info["range"] = f"0..{float(top):g}"
+        levels = np.iinfo(arr.dtype).max
+        info["range"] = f"0..{float(levels):g}"
         # A float32 division is correctly rounded: for every 8- and 16-bit level it gives the
         # very float32 of dividing in float64 (tests/test_quantiles.py checks all of them), in
         # two passes over the pixels instead of four float64 ones.
         out = (arr[..., 0] if arr.ndim == 3 else arr).astype(np.float32)
-        out /= np.float32(top)
+        out /= np.float32(levels)
         return out
     else:
         grey = np.asarray(arr[..., 0] if arr.ndim == 3 else arr, dtype=np.float64)
