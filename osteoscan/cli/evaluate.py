@@ -46,7 +46,9 @@ def _table(title: str, metrics: dict[str, Any]) -> Group:
 
 def _confusion(metrics: dict[str, Any], variant: str) -> Group:
     cm = metrics["confusion_matrix"]
-    title = f"confusion matrix, {variant} (rows: true, columns: most probable class)"
+    cols = ("grade from the cut-offs" if metrics.get("prediction_rule") == "grade_cutoffs"
+            else "most probable class")  # fmt: skip
+    title = f"confusion matrix, {variant} (rows: true, columns: {cols})"
     table = Table()
     table.add_column("")
     for c in cm["classes"]:
