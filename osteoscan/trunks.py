@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -158,18 +158,12 @@ class TrunkGroup:
     head: nn.Module
     other_heads: list[nn.Module]
     fast: FastFeatures | None = None
-    _fast_wanted: tuple[nn.Module, tuple[int, int]] | None = field(default=None, repr=False)
 
-    def enable_fast(self, cam_layer: nn.Module, input_hw: tuple[int, int]) -> None:
-        """Use the fast path from the first batch on (built then: tracing takes ~2 s)."""
-        self._fast_wanted = (cam_layer, input_hw)
-
-    def _fast(self) -> FastFeatures | None:
-        if self._fast_wanted is not None:
-            layer, hw = self._fast_wanted
-            self._fast_wanted = None  # tried once; None from the builder keeps the eager model
-            self.fast = build_fast_features(self.model, layer, hw)
-        return self.fast
+    def enable_fast(self, cam_layer: nn.Module, input_hw: tuple[int, int]) -> bool:
+        """Build the fast path now (~2 s for EfficientNet-Lite0: before a scan's first batch,
+        not during it); False when it does not apply and the eager model stays."""
+        self.fast = build_fast_features(self.model, cam_layer, input_hw)
+        return self.fast is not None
 
     def _heads(self, act: torch.Tensor, fast: FastFeatures) -> list[torch.Tensor]:
         """Each member's logits from the Grad-CAM activation (the eager rest of the model)."""
@@ -182,7 +176,7 @@ class TrunkGroup:
 
     def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """float32 logits of each member on ``x`` (caller's grad / inference / autocast mode)."""
-        fast = self._fast()
+        fast = self.fast
         if fast is not None:
             return [lg.float() for lg in self._heads(fast.features(x), fast)]
         return [lg.float() for lg in forward_shared(self.model, self.head, self.other_heads, x)]
@@ -198,7 +192,7 @@ class TrunkGroup:
         With the fast path, the activation comes from the graph (no autograd below it, as in
         :func:`~osteoscan.gradcam.forward_for_cam`) and only the heads are recorded.
         """
-        fast = self._fast()
+        fast = self.fast
         if fast is None:
             return forward_heads_for_cam(
                 self.model, layer, self.head, self.other_heads, x, autocast
