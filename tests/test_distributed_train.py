@@ -42,11 +42,31 @@ def comparable(manifest: dict[str, Any]) -> dict[str, Any]:
     m.get("extra", {}).pop("timings", None)
     m.get("extra", {}).get("train_config", {}).pop("out", None)  # where each run was written
     m["command"] = re.sub(r"--out \S+", "--out OUT", m.get("command", ""))
+    config = m.get("extra", {}).get("train_config", {})
+    if "command" in config:
+        config["command"] = m["command"]
     for member in m["members"]:
         member["metrics"] = {
             k: v for k, v in member["metrics"].items() if not k.startswith("img_s_")
         }
     return m
+
+
+def assert_close(a: Any, b: Any, rel: float = 1e-5, path: str = "") -> None:
+    """``a == b`` with floats equal to ``rel``: held-out scores computed with other thread
+    counts differ in the last digits (a threshold in the 7th significant digit, measured)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_close(a[k], b[k], rel, f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close(x, y, rel, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-9, nan_ok=True), path
+    else:
+        assert a == b, path
 
 
 def member_tensors(pkg: Path) -> list[dict[str, torch.Tensor]]:
@@ -300,7 +320,7 @@ def test_ddp_gradient_is_the_whole_batch_gradient(tmp_path: Path) -> None:
 @pytest.mark.skipif(not SHARED_KNEES.is_dir(), reason="../shared/data/knee-xray not present")
 def test_torchrun_kfold_package_matches_single_process(tmp_path: Path) -> None:
     opts = ["--data", str(SHARED_KNEES), "--folds", "4", "--preset", "quick", "--epochs", "2",
-            "--device", "cpu", "--seed", "3", "--quiet"]  # fmt: skip
+            "--device", "cpu", "--seed", "3", "--quiet", "--name", "knee-kfold"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     walls = {}
     for kind, prefix in (
@@ -327,15 +347,10 @@ def test_torchrun_kfold_package_matches_single_process(tmp_path: Path) -> None:
     a = json.loads((tmp_path / "torchrun" / "manifest.json").read_text())
     b = json.loads((tmp_path / "single" / "manifest.json").read_text())
     assert len(a["members"]) == 4
-    # One process uses every core per member, a torchrun rank its share: float order may differ.
+    # One process uses both cores per member, a torchrun rank one: the members' weights came out
+    # bit-identical here (other thread counts may round differently), the held-out scores (and
+    # so the threshold) equal to ~1e-7.
     diff = max_weight_difference(tmp_path / "torchrun", tmp_path / "single")
     print(f"largest member weight difference: {diff:.3g}")
-    if diff == 0.0:
-        assert comparable(a) == comparable(b)
-    else:
-        assert diff < 1e-3
-        ma, mb = comparable(a), comparable(b)
-        for key in ("classes", "training_data", "preprocess", "command"):
-            assert ma[key] == mb[key]
-        auc = [m["metrics"]["image_only"]["roc_auc"]["value"] for m in (a, b)]
-        assert auc[0] == pytest.approx(auc[1], abs=0.01)
+    assert diff < 1e-4
+    assert_close(comparable(a), comparable(b))
