@@ -221,7 +221,7 @@ def test_kfold_members_over_two_ranks_equal_one_process(knees: Path, tmp_path: P
     assert max_weight_difference(tmp_path / "dist", single) == 0.0
 
 
-@pytest.mark.slow  # two spawned processes each: ~30 s on 2 shared cores
+@pytest.mark.slow  # two spawned processes: 14 s at load ~2, ~30 s at load 4
 def test_one_member_trains_with_ddp_and_rank0_writes(knees: Path, tmp_path: Path) -> None:
     kw = _kw(knees, tmp_path / "ddp", folds=1, val_fraction=0.3, test_fraction=0.25, batch_size=6)
     res = run_ranks([kw, kw], tmp_path / "results")
@@ -233,8 +233,7 @@ def test_one_member_trains_with_ddp_and_rank0_writes(knees: Path, tmp_path: Path
     assert history_rows["n_train"] > 0 and history_rows["best_epoch"] >= 1
 
 
-@pytest.mark.slow  # two spawned processes each: ~30 s on 2 shared cores
-@pytest.mark.parametrize("failing", [0, 1])
+@pytest.mark.parametrize("failing", [0, 1])  # 11-19 s each on 2 shared cores (load ~2)
 def test_a_failing_rank_stops_every_rank_with_its_message(
     knees: Path, tmp_path: Path, failing: int
 ) -> None:
@@ -288,7 +287,7 @@ def _ddp_exact_main(rank: int, world: int, port: int, out: str) -> None:
     shutdown()
 
 
-@pytest.mark.slow  # two spawned processes: ~20 s on 2 shared cores
+@pytest.mark.slow  # two spawned processes: 29 s on 2 shared cores (load ~2)
 def test_ddp_gradient_is_the_whole_batch_gradient(tmp_path: Path) -> None:
     from osteoscan.train.loop import fit_member
 
