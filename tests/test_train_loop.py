@@ -141,3 +141,12 @@ def test_early_stopping_stops(task) -> None:
 def test_class_weights_inverse_frequency() -> None:
     w = class_weights(np.array([0, 0, 0, 1]), 3)
     assert w.tolist() == pytest.approx([4 / 6, 2.0, 0.0])
+
+
+@pytest.mark.parametrize(("n", "bs"), [(17, 8), (9, 8), (16, 8), (2, 8)])
+def test_batches_cover_every_image_once(n: int, bs: int) -> None:
+    from osteoscan.train.loop import _batches
+
+    chunks = _batches(n, bs, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(chunks).tolist()) == list(range(n))
+    assert all(c.numel() >= 2 for c in chunks)  # a batch of one breaks batch norm

@@ -199,7 +199,8 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
     chunks = list(perm.split(batch_size))
     # A batch of one breaks batch norm in train mode: fold it into the previous batch.
     if len(chunks) > 1 and chunks[-1].numel() == 1:
-        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+        last = chunks.pop()  # popped first: the slot to extend is then the new last one
+        chunks[-1] = torch.cat([chunks[-1], last])
     return chunks
 
 
