@@ -12,14 +12,15 @@ Validation is sharded too: each rank scores a contiguous slice of the validation
 rank 0's batch-norm buffers, and the logits are gathered on every rank, so early stopping and
 the best state are decided identically everywhere.
 
-This subclasses the private :class:`osteoscan.train.loop._Fit` (its epoch loop is repeated in
-:meth:`_ShardedFit.train_epoch` with the shard added); a change to the loop's training step
-must be made in both.
+This subclasses the private :class:`osteoscan.train.loop._Fit`, overriding only where the
+batches come from (this rank's shard), the forward (through the DDP wrapper), the epoch loss
+(summed over ranks) and validation; the training step itself is the loop's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,23 +29,16 @@ import torch.distributed as td
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from osteoscan.preprocess import to_model_input
 from osteoscan.train.augment import RandomAffine
 from osteoscan.train.distributed import Dist
 from osteoscan.train.loop import (
     FitResult,
-    ProgressFn,
-    Stage,
-    TrainEvent,
-    _autocast,
     _batches,
     _Fit,
-    arch_of,
+    fit_member,
     predict_logits,
-    seed_everything,
 )
-from osteoscan.train.objectives import ClassObjective
-from osteoscan.train.recipe import TrainConfig
 
 __all__ = ["make_ddp_fit", "shard_batches"]
 
@@ -72,11 +66,11 @@ def shard_batches(
 class _ShardedFit(_Fit):
     """:class:`_Fit` with each batch sharded over the ranks and gradients averaged by DDP."""
 
-    def __init__(self, *args: Any, dist: Dist, seed: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, dist: Dist, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dist = dist
         # One augmentation stream per rank: the same draws on every shard would correlate them.
-        self.augment = RandomAffine(self.cfg.augment, seed=seed + 1 + 7919 * dist.rank)
+        self.augment = RandomAffine(self.cfg.augment, seed=self.seed + 1 + 7919 * dist.rank)
         self._ddp: DistributedDataParallel | None = None
         self._ddp_params: list[nn.Parameter] | None = None
 
@@ -95,31 +89,22 @@ class _ShardedFit(_Fit):
             self._ddp_params = params
         return self._ddp
 
-    def train_epoch(self, opt: torch.optim.Optimizer, sched: Any, params: list[nn.Parameter],
-                    stage: str, steps: int) -> float:  # fmt: skip
-        """One pass over the shuffled training data, this rank's shard of every batch."""
-        cfg, dev, net = self.cfg, self.device, self._wrapped(params)
-        total = torch.zeros(2, dtype=torch.float64)
-        batches = _batches(self.tx.shape[0], cfg.batch_size, self.gen)
-        for i, (idx, weight) in enumerate(shard_batches(batches, self.dist.rank, self.dist.world)):
-            xb = to_model_input(self.augment(self.tx[idx.to(dev)]), self.mean, self.std,
-                                cfg.channels_last)  # fmt: skip
-            with _autocast(dev, self.amp):
-                logits = net(xb)
-            loss = self.objective.loss(logits, self.ty[idx.to(dev)], self.weight)
-            opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss * weight).backward()
-            if cfg.grad_clip:
-                self.scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self.scaler.step(opt)
-            self.scaler.update()
-            sched.step()
-            total += torch.tensor([float(loss.detach()) * idx.numel(), idx.numel()])
-            self.event("batch", stage=stage, epoch=self.epoch, step=i + 1, n_steps=steps,
-                       metrics={"loss": float(loss.detach())})  # fmt: skip
-        td.all_reduce(total, group=self.dist.objects)  # the epoch's loss over all ranks
-        return float(total[0] / max(float(total[1]), 1.0))
+    def batches(self) -> list[tuple[torch.Tensor, float]]:
+        """This rank's shard of every shuffled batch, with its loss weight."""
+        batches = _batches(self.tx.shape[0], self.cfg.batch_size, self.gen)
+        return shard_batches(batches, self.dist.rank, self.dist.world)
+
+    def forward(self, idx: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+        """Training logits of this rank's rows through the DDP wrapper (gradients averaged)."""
+        xb = to_model_input(self.augment(self.tx[idx.to(self.device)]), self.mean, self.std,
+                            self.cfg.channels_last)  # fmt: skip
+        return self._wrapped(params)(xb)
+
+    def epoch_loss(self, total: float, count: int) -> float:
+        """The epoch's mean loss over all ranks."""
+        sums = torch.tensor([total, float(count)], dtype=torch.float64)
+        td.all_reduce(sums, group=self.dist.objects)
+        return float(sums[0] / max(float(sums[1]), 1.0))
 
     def validate(self) -> tuple[np.ndarray, float, float]:
         """Validation logits gathered from every rank's slice, with rank 0's BN statistics."""
@@ -144,42 +129,4 @@ class _ShardedFit(_Fit):
 
 def make_ddp_fit(dist: Dist) -> Callable[..., FitResult]:
     """A drop-in for :func:`osteoscan.train.loop.fit_member` that trains with DDP on ``dist``."""
-
-    def fit_member_ddp(
-        model: nn.Module, train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tensor,
-        val_y: np.ndarray, *, cfg: TrainConfig, stages: Sequence[Stage], n_classes: int,
-        positive_idx: Sequence[int], mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD, device: torch.device | str = "cpu",
-        seed: int | None = None, progress: ProgressFn | None = None, member: int = 0,
-        n_members: int = 1, objective: ClassObjective | None = None,
-    ) -> FitResult:  # fmt: skip
-        objective = objective or ClassObjective(n_classes, list(positive_idx), cfg.label_smoothing)
-        seed = cfg.seed if seed is None else seed
-        seed_everything(seed)
-        emit = progress or (lambda _e: None)
-        n_epochs = sum(s.epochs for s in stages)
-
-        def event(kind: str, **kw: Any) -> None:
-            emit(TrainEvent(kind, member=member, n_members=n_members, n_epochs=n_epochs, **kw))
-
-        fit = _ShardedFit(model, cfg, torch.device(device), seed,
-                          (train_x, train_y, val_x, val_y), (mean, std), n_classes, objective,
-                          event, dist=dist, seed=seed)  # fmt: skip
-        history: list[dict[str, Any]] = []
-        event("member_start")
-        for stage in stages:
-            if stage.epochs > 0:
-                fit.run_stage(stage, history)
-        best = fit.best
-        if not best.state:
-            best.state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
-        model.load_state_dict(best.state)
-        model.eval()
-        emit(TrainEvent("member_end", member=member, n_members=n_members,
-                        metrics={"best_epoch": best.epoch, "best_val_auc": best.auc}))  # fmt: skip
-        assert best.logits is not None
-        val_logits = objective.finish(model, arch_of(model), best.logits, fit.val_y)
-        state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
-        return FitResult(state, history, best.epoch, best.auc, val_logits)
-
-    return fit_member_ddp
+    return functools.partial(fit_member, make_fit=functools.partial(_ShardedFit, dist=dist))

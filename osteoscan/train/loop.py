@@ -256,6 +256,7 @@ class _Fit:
         self.epoch = 0
         self.cache: FrozenPrefix | None = None  # this stage's frozen-prefix features, if any
         self.view_gen = torch.Generator().manual_seed(seed + 2)
+        self.seed = seed
 
     def cache_frozen(self) -> None:
         """With ``feature_views``, compute this stage's frozen prefix once (train.frozen)."""
@@ -298,22 +299,36 @@ class _Fit:
             return logits, float("nan"), float("nan")
         return logits, *self.objective.validate(logits, self.val_y)
 
+    def batches(self) -> list[tuple[torch.Tensor, float]]:
+        """This epoch's shuffled batches of training rows, each with its loss weight (1 here;
+        a sharded fit returns its shard of each batch and the weight that keeps the mean)."""
+        return [(idx, 1.0) for idx in _batches(self.tx.shape[0], self.cfg.batch_size, self.gen)]
+
+    def forward(self, idx: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+        """Training logits of rows ``idx``: from cached frozen features, else the augmented
+        images through the whole network."""
+        dev = self.device
+        if self.cache is not None:
+            return self.cache.split.rest(self.cache.batch(idx, self.view_gen, dev))
+        xb = to_model_input(self.augment(self.tx[idx.to(dev)]), self.mean, self.std,
+                            self.cfg.channels_last)  # fmt: skip
+        return self.model(xb)
+
+    def epoch_loss(self, total: float, count: int) -> float:
+        """The epoch's mean training loss from this process's sums."""
+        return total / max(count, 1)
+
     def train_epoch(self, opt: torch.optim.Optimizer, sched: Any, params: list[nn.Parameter],
                     stage: str, steps: int) -> float:  # fmt: skip
         """One pass over the shuffled training data; returns the mean training loss."""
         cfg, dev = self.cfg, self.device
         total, count = 0.0, 0
-        for i, idx in enumerate(_batches(self.tx.shape[0], cfg.batch_size, self.gen)):
+        for i, (idx, weight) in enumerate(self.batches()):
             with _autocast(dev, self.amp):
-                if self.cache is not None:
-                    logits = self.cache.split.rest(self.cache.batch(idx, self.view_gen, dev))
-                else:
-                    xb = to_model_input(self.augment(self.tx[idx.to(dev)]), self.mean, self.std,
-                                        cfg.channels_last)  # fmt: skip
-                    logits = self.model(xb)
+                logits = self.forward(idx, params)
             loss = self.objective.loss(logits, self.ty[idx.to(dev)], self.weight)
             opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
             if cfg.grad_clip:
                 self.scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -324,7 +339,7 @@ class _Fit:
             count += idx.numel()
             self.event("batch", stage=stage, epoch=self.epoch, step=i + 1, n_steps=steps,
                        metrics={"loss": float(loss.detach())})  # fmt: skip
-        return total / max(count, 1)
+        return self.epoch_loss(total, count)
 
     def run_stage(self, stage: Stage, history: list[dict[str, Any]]) -> None:
         """Train through ``stage`` from the best weights so far, with early stopping."""
@@ -397,13 +412,15 @@ def fit_member(
     member: int = 0,
     n_members: int = 1,
     objective: ClassObjective | None = None,
+    make_fit: Callable[..., _Fit] | None = None,
 ) -> FitResult:
     """Train ``model`` through ``stages``; return the best state by validation AUC.
 
     ``train_x``/``val_x`` are uint16 (N, 1, S, S) CPU tensors, ``train_y``/``val_y`` int class
     indices (or what ``objective`` trains on: T-scores). Deterministic for a given ``seed`` on
     the same device and thread count. The returned state and validation logits are those of
-    the class-logit network :meth:`ClassObjective.finish` makes of the best state.
+    the class-logit network :meth:`ClassObjective.finish` makes of the best state. ``make_fit``
+    builds the per-epoch machinery (default :class:`_Fit`; a DDP fit shards the batches).
     """
     objective = objective or ClassObjective(n_classes, list(positive_idx), cfg.label_smoothing)
     seed = cfg.seed if seed is None else seed
@@ -414,8 +431,9 @@ def fit_member(
     def event(kind: str, **kw: Any) -> None:
         emit(TrainEvent(kind, member=member, n_members=n_members, n_epochs=n_epochs, **kw))
 
-    fit = _Fit(model, cfg, torch.device(device), seed, (train_x, train_y, val_x, val_y),
-               (mean, std), n_classes, objective, event)  # fmt: skip
+    fit = (make_fit or _Fit)(model, cfg, torch.device(device), seed,
+                             (train_x, train_y, val_x, val_y), (mean, std), n_classes, objective,
+                             event)  # fmt: skip
     history: list[dict[str, Any]] = []
     event("member_start")
     for stage in stages:
