@@ -18,7 +18,6 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,7 +77,8 @@ def walk_rate(cfg: ScanConfig) -> float:
     """Files/s for discovery + planning against the state (one stat per unchanged file)."""
     from osteoscan.manifest import read_manifest, resolve_package
 
-    manifests = [read_manifest(resolve_package(ref)) for ref in list(cfg.models) or [None]]
+    refs: list[str | Path | None] = [*cfg.models] or [None]  # none given: the default model
+    manifests = [read_manifest(resolve_package(ref)) for ref in refs]
     key, rates = run_key_for(cfg, manifests), []
     with ScanState.open(Path(str(cfg.out)).with_name("results.state.sqlite")) as state:
         for _ in range(3):  # a warm cache: the best of three walks
@@ -164,4 +164,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # workers start from a forkserver: guard the entry point
-    sys.exit(main())
+    main()

@@ -1,19 +1,24 @@
 """Does the Ray engine's load stage scale with its workers? And what does each stage cost here?
 
-    python benchmarks/ray_scaling.py [--n 24] [--size 1024] [--file-s 0.25] [--trials 2] [--json]
+    python benchmarks/ray_scaling.py [--n 96] [--size 1024] [--file-s 0.6] [--load work]
+                                     [--trials 2] [--json]
 
 Builds N synthetic knee DICOMs (``--size`` px, uncompressed 12-bit) in a temporary folder, then:
 
 1. stage rates on one core, in this process: the load stage (guarded read + gate + route +
    preprocess) per file, and the default model's scoring (ensemble, CPU) per image;
-2. the scaling run: a local Ray with 2 CPUs; the decode made artificially CPU-heavy
-   (:data:`~osteoscan.scan.engines.ray_data.DECODE_REPEAT_ENV`: each file read k times, k chosen
-   so one file costs about ``--file-s`` seconds), then the same files through
-   :class:`~osteoscan.scan.engines.ray_data.RayEngine` with 1 and with 2 workers, alternately,
-   ``--trials`` times each; the best time of each counts (neighbours on a shared machine only
-   ever slow a trial down). Reports files/s, the ratio 2 workers / 1 worker, and the CPU time the
-   workers got (cores used, files a CPU-second): on a shared machine that tells a stage that does
-   not scale from one that was not given the cores.
+2. the scaling run: a local Ray with 2 CPUs; the decode made artificially heavy so that one file
+   costs about ``--file-s`` seconds (default 0.6 s: a 3.6-megapixel JPEG 2000 radiograph, the
+   files the Ray engine is for). ``--load work`` (default) adds pure computation to each read
+   (:data:`~osteoscan.scan.engines.ray_data.DECODE_WORK_ENV`), as entropy and wavelet decoding
+   is; ``--load reread`` reads each file k times
+   (:data:`~osteoscan.scan.engines.ray_data.DECODE_REPEAT_ENV`), which is mostly memory
+   traffic. The same files go through :class:`~osteoscan.scan.engines.ray_data.RayEngine` with
+   1 and with 2 workers, alternately, ``--trials`` times each; the best time of each counts
+   (neighbours on a shared machine only ever slow a trial down). Reports files/s, the ratio
+   2 workers / 1 worker, and the CPU time the workers got (cores used, files a CPU-second);
+3. the machine's own ceiling for the same load: the same reads in a plain ``multiprocessing``
+   pool of 1 and of 2 processes, no Ray (what two processes get from two cores of this host).
 
 Ray workers are warmed up first (their imports are not decode time). Run it on a quiet machine:
 ``uptime``'s load is printed with the figures.
@@ -102,9 +107,11 @@ def record_rate(scored: list[Any]) -> float:
     return wall / len(rows)
 
 
-def calibrate_repeat(files: list[Any], target_s: float) -> int:
-    """Reads of one file that cost about ``target_s`` seconds of decode on one core."""
+def calibrate(files: list[Any], target_s: float, load: str) -> tuple[int, int]:
+    """``(repeat, work)`` for a read of one file to cost about ``target_s`` seconds on one core:
+    ``reread`` repeats the read, ``work`` adds rounds of pure computation to one read."""
     from osteoscan.guards import guarded_read
+    from osteoscan.scan.engines.ray_data import busy_work
 
     f = files[0]
     guarded_read(f.path, f.kind)
@@ -112,7 +119,47 @@ def calibrate_repeat(files: list[Any], target_s: float) -> int:
     for _ in range(3):
         guarded_read(f.path, f.kind)
     one = (time.perf_counter() - t0) / 3
-    return max(1, round(target_s / one))
+    if load == "reread":
+        return max(1, round(target_s / one)), 0
+    busy_work(200)
+    t0 = time.perf_counter()
+    busy_work(2000)
+    per_round = (time.perf_counter() - t0) / 2000
+    return 1, max(0, round((target_s - one) / per_round))
+
+
+def _pool_read(job: tuple[list[Any], int, int]) -> float:
+    """Read ``files`` as a Ray reader would (``repeat`` reads, ``work`` rounds); CPU seconds."""
+    from osteoscan.guards import guarded_read
+    from osteoscan.runtime import worker_init
+    from osteoscan.scan.engines.ray_data import busy_work
+
+    files, repeat, work = job
+    worker_init()
+    t0 = time.process_time()
+    for f in files:
+        for _ in range(repeat):
+            guarded_read(f.path, f.kind)
+        busy_work(work)
+    return time.process_time() - t0
+
+
+def machine_ceiling(files: list[Any], repeat: int, work: int, trials: int) -> dict[str, Any]:
+    """Best wall time of the same reads in a plain process pool of 1 and of 2 (no Ray)."""
+    import multiprocessing
+
+    best: dict[int, float] = {}
+    ctx = multiprocessing.get_context("spawn")
+    for _ in range(trials):
+        for procs in (1, 2):
+            with ctx.Pool(procs) as pool:
+                pool.map(_pool_read, [(files[:1], 1, 0)] * procs)  # imports, worker_init
+                t0 = time.perf_counter()
+                pool.map(_pool_read, [(files[i::procs], repeat, work) for i in range(procs)])
+                wall = time.perf_counter() - t0
+            best[procs] = min(best.get(procs, wall), wall)
+    rate = {p: len(files) / wall for p, wall in best.items()}
+    return {"files_per_s": rate, "ratio_2_over_1": rate[2] / rate[1]}
 
 
 def _cpu_by_name() -> dict[str, float]:
@@ -147,10 +194,16 @@ def _workers_cpu_s() -> float:
 
 
 def scaling(
-    files: list[Any], loader: Any, repeat: int, trials: int, tmp: Path, per_task: int = 2
+    files: list[Any],
+    loader: Any,
+    load: tuple[int, int],
+    trials: int,
+    tmp: Path,
+    per_task: int = 2,
 ) -> dict[str, Any]:
     """Best wall time over ``trials`` of the Ray load stage with 1 and with 2 workers, each file
-    decoded ``repeat`` times (what ``OSTEOSCAN_RAY_DECODE_REPEAT`` sets for a scan), and the CPU
+    read ``repeat`` times with ``work`` rounds of computation (``load``: what
+    ``OSTEOSCAN_RAY_DECODE_REPEAT`` / ``OSTEOSCAN_RAY_DECODE_WORK`` set for a scan), and the CPU
     time the workers got meanwhile (on a shared machine: how many cores they actually had)."""
     from osteoscan.scan.engines.ray_cluster import RaySession
     from osteoscan.scan.engines.ray_data import RayEngine
@@ -159,7 +212,7 @@ def scaling(
     try:
         engine = RayEngine(8, tmp / "inflight", workers=2, session=session,
                            files_per_task=per_task)  # fmt: skip
-        engine.read.repeat = repeat
+        engine.read.repeat, engine.read.work = load
         # both workers import the reader stack: tasks long enough that the second one is used
         list(engine.batches(files[:8], loader))
         best: dict[int, tuple[float, float]] = {}
@@ -172,7 +225,7 @@ def scaling(
                 assert n == len(files)
                 if workers not in best or wall < best[workers][0]:
                     best[workers] = (wall, cpu)
-        engine.read.repeat, engine.workers = 1, 1  # the engine's own cost a file
+        engine.read.repeat, engine.read.work, engine.workers = 1, 0, 1  # the engine's own cost
         t0 = time.perf_counter()
         sum(b.n_files for b in engine.batches(files, loader))
         plain_s = (time.perf_counter() - t0) / len(files)
@@ -189,9 +242,15 @@ def scaling(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=24, help="files in the archive")
+    ap.add_argument("--n", type=int, default=96, help="files in the archive")
     ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
-    ap.add_argument("--file-s", type=float, default=0.25, help="target decode seconds a file")
+    ap.add_argument("--file-s", type=float, default=0.6, help="target decode seconds a file")
+    ap.add_argument(
+        "--load",
+        choices=("work", "reread"),
+        default="work",
+        help="how the decode is made heavy: computation, or re-reading the file",
+    )
     ap.add_argument("--trials", type=int, default=2, help="trials per worker count")
     ap.add_argument("--files-per-task", type=int, default=2, help="files a Ray task reads")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -206,12 +265,14 @@ def main() -> None:
         files = build(tmp / "archive", args.n, args.size)
         models = load_models([], torch.device("cpu"))
         rates = stage_rates(files, models)
-        repeat = calibrate_repeat(files, args.file_s)
-        result = scaling(files, loader_for(models), repeat, args.trials, tmp,
+        repeat, work = calibrate(files, args.file_s, args.load)
+        result = scaling(files, loader_for(models), (repeat, work), args.trials, tmp,
                          args.files_per_task)  # fmt: skip
+        ceiling = machine_ceiling(files, repeat, work, args.trials)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out = {"files": args.n, "size": args.size, "decode_repeat": repeat, **rates, **result,
+    out = {"files": args.n, "size": args.size, "load": args.load, "decode_repeat": repeat,
+           "decode_work": work, **rates, **result, "machine_ceiling": ceiling,
            "loadavg": os.getloadavg(), "cpus": os.cpu_count()}  # fmt: skip
     if args.json:
         print(json.dumps(out, indent=1, default=str))
@@ -223,7 +284,8 @@ def main() -> None:
     print(f"driver record stage: {rates['record_s_per_row'] * 1000:.2f} ms a row; "
           f"Ray load stage without repeat, 1 worker: "
           f"{result['ray_1_worker_s_per_file'] * 1000:.0f} ms a file")  # fmt: skip
-    print(f"scaling run: {args.n} files, each read {repeat}x (~{args.file_s:g} s of decode), "
+    how = f"read {repeat}x" if args.load == "reread" else f"read once + {work} rounds of work"
+    print(f"scaling run: {args.n} files, each {how} (~{args.file_s:g} s of decode), "
           f"{args.files_per_task} a task")  # fmt: skip
     for w in (1, 2):
         print(f"  {w} worker(s): best {result['best_s'][w]:.2f} s = "
@@ -231,6 +293,9 @@ def main() -> None:
               f"{result['cores_used'][w]:.2f} cores, "
               f"{result['files_per_cpu_s'][w]:.2f} files a CPU-second")  # fmt: skip
     print(f"  2 workers / 1 worker: {result['ratio_2_over_1']:.2f}x")
+    print(f"the same reads without Ray (a process pool): 1 process "
+          f"{ceiling['files_per_s'][1]:.2f} files/s, 2 processes "
+          f"{ceiling['files_per_s'][2]:.2f} files/s: {ceiling['ratio_2_over_1']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

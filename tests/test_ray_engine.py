@@ -483,3 +483,23 @@ def test_with_an_address_the_engine_joins_the_cluster_and_leaves_it_running(
     assert workers == 2 and n == expected > 0  # every CPU of the cluster; every file once
     assert local_ray.is_initialized()
     assert local_ray.get(local_ray.remote(lambda: 7).remote()) == 7  # the cluster still serves
+
+
+def test_the_benchmark_load_options_change_the_cost_of_a_read_not_what_it_reads(
+    tmp_path: Path,
+) -> None:
+    import pickle
+
+    from osteoscan.scan.engines.ray_data import RayReader, busy_work
+
+    path = write_dicom(tmp_path / "k.dcm", synthetic_knee(128, seed=1))
+    plain = RayReader(GuardLimits(), None)
+    heavy = pickle.loads(pickle.dumps(RayReader(GuardLimits(), None, repeat=2, work=300)))
+    assert (heavy.repeat, heavy.work) == (2, 300)  # as a Ray task receives it
+    a, b = plain(path, "dicom"), heavy(path, "dicom")
+    assert len(a) == len(b) == 1
+    assert a[0].status == b[0].status == "ok"
+    np.testing.assert_array_equal(a[0].image, b[0].image)
+    # fixed work, each round depending on the one before (nothing to skip)
+    assert busy_work(300) == busy_work(300) != busy_work(299)
+    assert len(busy_work(1)) == 32 and busy_work(0) == b""

@@ -28,6 +28,7 @@ received (at most :data:`MAX_RESTARTS` times); the ledger survives, so a culprit
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pickle
 import tempfile
@@ -52,8 +53,14 @@ MAX_RESTARTS = 20
 MAX_STALLS = 3  # restarts in a row that yielded nothing
 WINDOW = 20_000  # files in one dataset
 MAX_BLOCKS = 2_000  # blocks in one dataset
-# Benchmarks only: read each file this many times (a decode made artificially CPU-heavy).
+# Benchmarks only: read each file this many times (a decode made artificially heavy; re-reading
+# an uncompressed file is mostly memory traffic, which two cores of one host share).
 DECODE_REPEAT_ENV = "OSTEOSCAN_RAY_DECODE_REPEAT"
+# Benchmarks only: after each read, this many rounds of pure computation (SHA-256 over a buffer
+# that stays in the core's cache): a decode made artificially CPU-heavy, as entropy and wavelet
+# decoding of compressed radiographs is, with a fixed amount of work a file.
+DECODE_WORK_ENV = "OSTEOSCAN_RAY_DECODE_WORK"
+_WORK_BUFFER = bytes(range(256)) * 256  # 64 KiB: fits any core's L2 cache
 _PROCESS_DOGS: dict[tuple[int, str | None, float | None], Watchdog] = {}
 _INITIALISED: int | None = None  # pid of the Ray worker whose reader stack is set up
 DIED = "the reader process died on this file (a decoder crash or the hard time limit)"
@@ -61,20 +68,23 @@ DIED = "the reader process died on this file (a decoder crash or the hard time l
 
 class RayReader(GuardedReader):
     """:class:`GuardedReader` for Ray workers: the address-space cap applies in every Ray
-    worker (they never touch CUDA), and ``repeat`` > 1 decodes each file that many times
-    (benchmarks only, see :data:`DECODE_REPEAT_ENV`)."""
+    worker (they never touch CUDA). Benchmarks only: ``repeat`` > 1 decodes each file that many
+    times (:data:`DECODE_REPEAT_ENV`), ``work`` adds that many rounds of pure computation a file
+    (:data:`DECODE_WORK_ENV`); neither changes what is read."""
 
     def __init__(
-        self, limits: GuardLimits, inflight_dir: str | Path | None, repeat: int = 1
+        self, limits: GuardLimits, inflight_dir: str | Path | None, repeat: int = 1, work: int = 0
     ) -> None:
         super().__init__(limits, inflight_dir)
         self.repeat = max(1, int(repeat))
+        self.work = max(0, int(work))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "repeat": self.repeat}
+        return {**super().__getstate__(), "repeat": self.repeat, "work": self.work}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["limits"], state["inflight_dir"], state.get("repeat", 1))  # type: ignore[misc]
+        self.__init__(state["limits"], state["inflight_dir"], state.get("repeat", 1),  # type: ignore[misc]
+                      state.get("work", 0))  # fmt: skip
 
     def _setup(self) -> Watchdog:
         # Ray hands each task a fresh copy of this reader: the cap and the watchdog (a thread,
@@ -97,7 +107,20 @@ class RayReader(GuardedReader):
     def __call__(self, path: str | Path, kind: str | None = None) -> list[ImageFrame]:
         for _ in range(self.repeat - 1):
             super().__call__(path, kind)
-        return super().__call__(path, kind)
+        frames = super().__call__(path, kind)
+        busy_work(self.work)
+        return frames
+
+
+def busy_work(rounds: int) -> bytes:
+    """``rounds`` of SHA-256 over a cache-resident buffer: a fixed amount of pure computation
+    (benchmarks: a decode made CPU-heavy, see :data:`DECODE_WORK_ENV`)."""
+    digest = b""
+    for _ in range(rounds):
+        hasher = hashlib.sha256(digest)  # chained: each round depends on the last
+        hasher.update(_WORK_BUFFER)
+        digest = hasher.digest()
+    return digest
 
 
 class _Ledger:
@@ -206,7 +229,8 @@ class RayEngine:
         self.files_per_task = max(1, int(files_per_task))
         self.blame_after = max(1, int(blame_after))
         repeat = int(os.environ.get(DECODE_REPEAT_ENV, "1") or 1)
-        self.read = read or RayReader(limits or GuardLimits(), inflight_dir, repeat)
+        work = int(os.environ.get(DECODE_WORK_ENV, "0") or 0)
+        self.read = read or RayReader(limits or GuardLimits(), inflight_dir, repeat, work)
         self.restarts, self._issued = 0, 0
         # started now (its process boots while the driver plans), used by every dataset
         self._ledger: Any = self.session.ray.remote(num_cpus=0)(_Ledger).remote()
@@ -296,6 +320,9 @@ class RayEngine:
         # the scan reports progress itself: no progress bars or banners on its terminal
         ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
         ctx.print_on_execution_start = ctx.enable_auto_log_stats = False
+        # no per-task memory sampling: a thread reading the worker's whole memory map every
+        # second, CPU taken from the decode that the scan does not use
+        ctx.memory_usage_poll_interval_s = None
         per_task = -(-len(items) // n_blocks)
         with warnings.catch_warnings():  # max_retries has no named parameter yet (Ray 2.60)
             warnings.simplefilter("ignore", DeprecationWarning)
