@@ -491,8 +491,14 @@ def test_the_benchmark_load_options_change_the_cost_of_a_read_not_what_it_reads(
     from osteoscan.scan.engines.ray_data import RayReader, busy_work
 
     path = write_dicom(tmp_path / "k.dcm", synthetic_knee(128, seed=1))
-    plain = RayReader(GuardLimits(), None)
-    heavy = pickle.loads(pickle.dumps(RayReader(GuardLimits(), None, repeat=2, work=300)))
+    # read here, in the test process: no address-space cap (it would bind every process this
+    # one starts afterwards, e.g. the browser tests' Chromium) and no hard watchdog
+    import resource
+
+    limits = GuardLimits(memory_bytes=None, hard_seconds=None)
+    cap = resource.getrlimit(resource.RLIMIT_AS)
+    plain = RayReader(limits, None)
+    heavy = pickle.loads(pickle.dumps(RayReader(limits, None, repeat=2, work=300)))
     assert (heavy.repeat, heavy.work) == (2, 300)  # as a Ray task receives it
     a, b = plain(path, "dicom"), heavy(path, "dicom")
     assert len(a) == len(b) == 1
@@ -501,3 +507,4 @@ def test_the_benchmark_load_options_change_the_cost_of_a_read_not_what_it_reads(
     # fixed work, each round depending on the one before (nothing to skip)
     assert busy_work(300) == busy_work(300) != busy_work(299)
     assert len(busy_work(1)) == 32 and busy_work(0) == b""
+    assert resource.getrlimit(resource.RLIMIT_AS) == cap  # this process was left as it was

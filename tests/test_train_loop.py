@@ -145,8 +145,8 @@ def test_class_weights_inverse_frequency() -> None:
 
 @pytest.mark.parametrize(("n", "bs"), [(17, 8), (9, 8), (16, 8), (2, 8)])
 def test_batches_cover_every_image_once(n: int, bs: int) -> None:
-    from osteoscan.train.loop import _batches
+    from osteoscan.train.steps import shuffled_batches
 
-    chunks = _batches(n, bs, torch.Generator().manual_seed(0))
+    chunks = shuffled_batches(n, bs, torch.Generator().manual_seed(0))
     assert sorted(torch.cat(chunks).tolist()) == list(range(n))
     assert all(c.numel() >= 2 for c in chunks)  # a batch of one breaks batch norm

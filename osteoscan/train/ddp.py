@@ -32,13 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from osteoscan.preprocess import to_model_input
 from osteoscan.train.augment import RandomAffine
 from osteoscan.train.distributed import Dist
-from osteoscan.train.loop import (
-    FitResult,
-    _batches,
-    _Fit,
-    fit_member,
-    predict_logits,
-)
+from osteoscan.train.loop import FitResult, _Fit, fit_member
+from osteoscan.train.steps import predict_logits, shuffled_batches
 
 __all__ = ["make_ddp_fit", "shard_batches"]
 
@@ -50,7 +45,7 @@ def shard_batches(
     that makes DDP's gradient mean the gradient of the whole batch's mean loss.
 
     A batch with fewer images than ranks would leave a rank without images: it joins the batch
-    before it (as a batch of one does in :func:`~osteoscan.train.loop._batches`).
+    before it (as a batch of one does in :func:`~osteoscan.train.steps.shuffled_batches`).
     """
     out = list(batches)
     while len(out) > 1 and out[-1].numel() < world:
@@ -91,7 +86,7 @@ class _ShardedFit(_Fit):
 
     def batches(self) -> list[tuple[torch.Tensor, float]]:
         """This rank's shard of every shuffled batch, with its loss weight."""
-        batches = _batches(self.tx.shape[0], self.cfg.batch_size, self.gen)
+        batches = shuffled_batches(self.tx.shape[0], self.cfg.batch_size, self.gen)
         return shard_batches(batches, self.dist.rank, self.dist.world)
 
     def forward(self, idx: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:

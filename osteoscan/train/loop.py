@@ -18,7 +18,6 @@ overwritten by a handful of small, augmented batches.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,13 +27,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from sklearn.metrics import roc_auc_score
 
 from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from osteoscan.train.augment import RandomAffine
 from osteoscan.train.frozen import FrozenPrefix, split_frozen
 from osteoscan.train.objectives import ClassObjective
 from osteoscan.train.recipe import TrainConfig
+from osteoscan.train.steps import (
+    autocast,
+    class_weights,
+    freeze_bn_stats,
+    lr_lambda,
+    make_optimizer,
+    positive_auc,
+    predict_logits,
+    rate,
+    seed_everything,
+    shuffled_batches,
+)
 
 __all__ = [
     "TrainEvent",
@@ -92,116 +102,6 @@ class FitResult:
     best_epoch: int
     best_val_auc: float
     val_logits: np.ndarray
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python-side torch and NumPy RNGs (the loop itself uses private generators)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-
-
-def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights ``n / (C * n_c)`` (0 for classes absent from ``y``)."""
-    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.zeros(n_classes)
-    w[present] = counts.sum() / (present.sum() * counts[present])
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def positive_auc(y: np.ndarray, probs: np.ndarray, positive_idx: Sequence[int]) -> float:
-    """ROC-AUC of the summed positive-class probability vs the rest; NaN if one side is empty."""
-    is_pos = np.isin(np.asarray(y), list(positive_idx))
-    if is_pos.all() or not is_pos.any():
-        return float("nan")
-    return float(roc_auc_score(is_pos, probs[:, list(positive_idx)].sum(axis=1)))
-
-
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
-    if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def _freeze_bn_stats(model: nn.Module) -> None:
-    """Put batch-norm layers whose parameters are all frozen into eval mode."""
-    for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            params = list(mod.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                mod.eval()
-
-
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module,
-    x: torch.Tensor,
-    *,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    device: torch.device | str = "cpu",
-    batch_size: int = 32,
-    channels_last: bool = True,
-    amp: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> np.ndarray:
-    """Logits (N, C) float32 of ``model`` in eval mode for a uint16 batch (N, 1, S, S);
-    ``progress(done, total)`` after each batch."""
-    device = torch.device(device)
-    model.eval()
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size].to(device, non_blocking=True)
-        inp = to_model_input(xb, mean, std, channels_last=channels_last)
-        with _autocast(device, amp):
-            out.append(model(inp).float().cpu())
-        if progress is not None:
-            progress(min(i + batch_size, x.shape[0]), x.shape[0])
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(out).numpy().astype(np.float32)
-
-
-def _make_optimizer(
-    params: list[nn.Parameter], cfg: TrainConfig, lr: float
-) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
-    )
-
-
-def _lr_lambda(cfg: TrainConfig, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if cfg.schedule != "cosine" or total_steps <= warmup_steps:
-            return 1.0
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-
-    return fn
-
-
-def _rate(n: int, seconds: float) -> float:
-    """Images per second (0 when nothing was timed)."""
-    return float(n / seconds) if seconds > 0 and n else 0.0
-
-
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=gen)
-    chunks = list(perm.split(batch_size))
-    # A batch of one breaks batch norm in train mode: fold it into the previous batch.
-    if len(chunks) > 1 and chunks[-1].numel() == 1:
-        last = chunks.pop()  # popped first: the slot to extend is then the new last one
-        chunks[-1] = torch.cat([chunks[-1], last])
-    return chunks
 
 
 @dataclass
@@ -302,7 +202,9 @@ class _Fit:
     def batches(self) -> list[tuple[torch.Tensor, float]]:
         """This epoch's shuffled batches of training rows, each with its loss weight (1 here;
         a sharded fit returns its shard of each batch and the weight that keeps the mean)."""
-        return [(idx, 1.0) for idx in _batches(self.tx.shape[0], self.cfg.batch_size, self.gen)]
+        return [
+            (idx, 1.0) for idx in shuffled_batches(self.tx.shape[0], self.cfg.batch_size, self.gen)
+        ]
 
     def forward(self, idx: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
         """Training logits of rows ``idx``: from cached frozen features, else the augmented
@@ -324,7 +226,7 @@ class _Fit:
         cfg, dev = self.cfg, self.device
         total, count = 0.0, 0
         for i, (idx, weight) in enumerate(self.batches()):
-            with _autocast(dev, self.amp):
+            with autocast(dev, self.amp):
                 logits = self.forward(idx, params)
             loss = self.objective.loss(logits, self.ty[idx.to(dev)], self.weight)
             opt.zero_grad(set_to_none=True)
@@ -354,10 +256,12 @@ class _Fit:
         t_cache = time.perf_counter()
         self.cache_frozen()
         cache_s = time.perf_counter() - t_cache if self.cache is not None else 0.0
-        opt = _make_optimizer(params, cfg, stage.lr)
-        steps = len(_batches(self.tx.shape[0], cfg.batch_size, torch.Generator().manual_seed(0)))
+        opt = make_optimizer(params, cfg, stage.lr)
+        steps = len(
+            shuffled_batches(self.tx.shape[0], cfg.batch_size, torch.Generator().manual_seed(0))
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, _lr_lambda(cfg, steps * stage.epochs, steps * cfg.warmup_epochs)
+            opt, lr_lambda(cfg, steps * stage.epochs, steps * cfg.warmup_epochs)
         )
         plateau = None
         if cfg.schedule == "plateau":
@@ -369,7 +273,7 @@ class _Fit:
             self.epoch += 1
             t0 = time.perf_counter()
             model.train()
-            _freeze_bn_stats(model)
+            freeze_bn_stats(model)
             self.event("epoch_start", stage=stage.name, epoch=self.epoch, n_steps=steps)
             train_loss = self.train_epoch(opt, sched, params, stage.name, steps)
             t_val = time.perf_counter()
@@ -382,8 +286,8 @@ class _Fit:
             row = {"epoch": self.epoch, "stage": stage.name, "train_loss": train_loss,
                    "val_loss": vloss, "val_auc": vauc, "lr": opt.param_groups[0]["lr"],
                    "seconds": t_end - t0, "best": improved,
-                   "train_img_s": _rate(self.tx.shape[0], t_val - t0),
-                   "val_img_s": _rate(len(self.val_y), t_end - t_val)}  # fmt: skip
+                   "train_img_s": rate(self.tx.shape[0], t_val - t0),
+                   "val_img_s": rate(len(self.val_y), t_end - t_val)}  # fmt: skip
             if cache_s:  # the stage's one-off frozen-feature pass, on its first epoch's row
                 row["cache_s"], cache_s = cache_s, 0.0
             history.append(row)
