@@ -17,8 +17,9 @@ Builds N synthetic knee DICOMs (``--size`` px, uncompressed 12-bit) in a tempora
    1 and with 2 workers, alternately, ``--trials`` times each; the best time of each counts
    (neighbours on a shared machine only ever slow a trial down). Reports files/s, the ratio
    2 workers / 1 worker, and the CPU time the workers got (cores used, files a CPU-second);
-3. the machine's own ceiling for the same load: the same reads in a plain ``multiprocessing``
-   pool of 1 and of 2 processes, no Ray (what two processes get from two cores of this host).
+3. the machine's own ceiling for the same load: the Ray task's per-file work (same loader, same
+   reader) in a plain ``multiprocessing`` pool of 1 and of 2 processes, no Ray (what two
+   processes get from two cores of this host).
 
 Ray workers are warmed up first (their imports are not decode time). Run it on a quiet machine:
 ``uptime``'s load is printed with the figures.
@@ -128,34 +129,36 @@ def calibrate(files: list[Any], target_s: float, load: str) -> tuple[int, int]:
     return 1, max(0, round((target_s - one) / per_round))
 
 
-def _pool_read(job: tuple[list[Any], int, int]) -> float:
-    """Read ``files`` as a Ray reader would (``repeat`` reads, ``work`` rounds); CPU seconds."""
-    from osteoscan.guards import guarded_read
+def _pool_load(job: tuple[list[Any], Any]) -> int:
+    """The Ray task's per-file work (:func:`~osteoscan.scan.engines.ray_data.load_file` with the
+    same loader and reader), without Ray: a plain process pool's share of the files."""
     from osteoscan.runtime import worker_init
-    from osteoscan.scan.engines.ray_data import busy_work
+    from osteoscan.scan.engines.ray_data import load_file
 
-    files, repeat, work = job
+    files, loader = job
     worker_init()
-    t0 = time.process_time()
-    for f in files:
-        for _ in range(repeat):
-            guarded_read(f.path, f.kind)
-        busy_work(work)
-    return time.process_time() - t0
+    return sum(len(load_file(f, loader)) for f in files)
 
 
-def machine_ceiling(files: list[Any], repeat: int, work: int, trials: int) -> dict[str, Any]:
-    """Best wall time of the same reads in a plain process pool of 1 and of 2 (no Ray)."""
+def machine_ceiling(
+    files: list[Any], loader: Any, load: tuple[int, int], trials: int
+) -> dict[str, Any]:
+    """Best wall time of the same loads in a plain process pool of 1 and of 2 (no Ray)."""
+    import dataclasses
     import multiprocessing
 
+    from osteoscan.guards import GuardLimits
+    from osteoscan.scan.engines.ray_data import RayReader
+
+    heavy = dataclasses.replace(loader, read=RayReader(GuardLimits(), None, *load))
     best: dict[int, float] = {}
     ctx = multiprocessing.get_context("spawn")
     for _ in range(trials):
         for procs in (1, 2):
             with ctx.Pool(procs) as pool:
-                pool.map(_pool_read, [(files[:1], 1, 0)] * procs)  # imports, worker_init
+                pool.map(_pool_load, [(files[:1], loader)] * procs)  # imports, worker_init
                 t0 = time.perf_counter()
-                pool.map(_pool_read, [(files[i::procs], repeat, work) for i in range(procs)])
+                pool.map(_pool_load, [(files[i::procs], heavy) for i in range(procs)])
                 wall = time.perf_counter() - t0
             best[procs] = min(best.get(procs, wall), wall)
     rate = {p: len(files) / wall for p, wall in best.items()}
@@ -266,9 +269,9 @@ def main() -> None:
         models = load_models([], torch.device("cpu"))
         rates = stage_rates(files, models)
         repeat, work = calibrate(files, args.file_s, args.load)
-        result = scaling(files, loader_for(models), (repeat, work), args.trials, tmp,
-                         args.files_per_task)  # fmt: skip
-        ceiling = machine_ceiling(files, repeat, work, args.trials)
+        loader = loader_for(models)
+        result = scaling(files, loader, (repeat, work), args.trials, tmp, args.files_per_task)
+        ceiling = machine_ceiling(files, loader, (repeat, work), args.trials)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"files": args.n, "size": args.size, "load": args.load, "decode_repeat": repeat,
