@@ -22,6 +22,9 @@ channels_last weights and inputs; on CPU never autocast (slow and inexact there)
 channels_last, and each trunk up to its Grad-CAM layer runs as one frozen oneDNN graph where the
 architecture allows (:mod:`osteoscan.fastpath`: ~1.7x, probabilities within 1e-5 of the eager
 model); plain and Grad-CAM rows take their activation from the same graph.
+
+Members trained with ``test_time_flip`` (``MemberSpec``) score each image and its mirror image
+and average the two logits (twice the cost; the heatmap comes from the image as given).
 """
 
 from __future__ import annotations
@@ -167,6 +170,7 @@ class Ensemble:
         size = (self.manifest.preprocess or {}).get("size") or specs[0].input_size
         self.input_size: int | tuple[int, int] = size if isinstance(size, int) else _pair(size)
         self.temperatures = [1.0 if s.temperature is None else float(s.temperature) for s in specs]
+        self._flip = [bool(s.test_time_flip) for s in specs]
         if any(t <= 0 for t in self.temperatures):
             raise ValueError(f"member temperatures must be positive, got {self.temperatures}")
         fmt = torch.channels_last if channels_last else torch.preserve_format
@@ -250,9 +254,27 @@ class Ensemble:
     def predict_member_logits(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Raw member logits ``(M, B, C)`` float32 on the device — no temperature, no softmax.
 
-        For training-time calibration and evaluation; runs under ``inference_mode``.
+        For training-time calibration and evaluation; runs under ``inference_mode``. Members
+        with ``test_time_flip`` give the mean over the image and its mirror.
         """
         x = self._to_device(x)
+        return self._mirror_average(x, self._plain_logits(x))
+
+    def _mirror_average(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with each flipping member's row averaged with its mirror-image logits.
+
+        The mirror runs without Grad-CAM: a heatmap explains the image as given, and its score
+        differs from the reported one only by the mirror's share.
+        """
+        if not any(self._flip):
+            return logits
+        mirrored = self._plain_logits(x.flip(-1))
+        mask = torch.tensor(self._flip, device=logits.device).view(-1, 1, 1)
+        with torch.inference_mode():
+            return torch.where(mask, (logits + mirrored) / 2, logits)
+
+    def _plain_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's logits for the (device) batch ``x`` as given, under inference_mode."""
         inputs = self._member_inputs(x)
         logits: list[torch.Tensor | None] = [None] * self.n_members
         with torch.inference_mode(), self._autocast():
@@ -288,7 +310,7 @@ class Ensemble:
             for m, fw in zip(g.members, fws, strict=True):
                 logits[m][hm_idx] = fw.logits.detach().float()
                 forwards[m] = fw
-        return torch.stack(logits), [fw for fw in forwards if fw is not None]
+        return self._mirror_average(x, torch.stack(logits)), [f for f in forwards if f is not None]
 
     def _empty(self) -> BatchPrediction:
         n_cls = len(self.classes)

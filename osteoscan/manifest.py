@@ -24,7 +24,10 @@ from osteoscan.errors import ModelIntegrityError, OsteoscanError
 DEFAULT_MODEL = "knee-default"
 # 2: per-variant thresholds are top-level fields (schema 1 kept them in ``fusion``, still read).
 # 3: members may share a trunk file (MemberSpec.trunk, trunk_sha256); schema 2 is read as is.
-SCHEMA_VERSION = 3
+# 4: members may average their logits over the image and its mirror (MemberSpec.test_time_flip).
+# A package is written with the oldest schema that holds it (Manifest.to_dict), so packages
+# without flipping members stay readable by the osteoscan versions that know schema 3.
+SCHEMA_VERSION = 4
 _LEGACY_THRESHOLDS = "thresholds"  # schema 1's key inside the fusion dict
 MANIFEST = "manifest.json"
 ENV_MODELS = "OSTEOSCAN_MODELS"
@@ -45,7 +48,9 @@ class MemberSpec:
     dtype of the weights file. ``fold`` is the cross-validation fold that produced the member.
     ``trunk``/``trunk_sha256``: a ``trunk-*.safetensors`` file holding every tensor outside the
     head, shared with other members; ``weights`` then holds the head's tensors only. Empty for a
-    member stored whole.
+    member stored whole. ``test_time_flip``: the member's logits are the mean of its logits for
+    the image and for its mirror image (horizontal flip), at training-time validation as at scan
+    time, so calibration, thresholds and grade cut-offs were fitted on what a scan computes.
     """
 
     arch: str
@@ -61,6 +66,7 @@ class MemberSpec:
     dtype: Literal["float32", "float16"] = "float32"
     trunk: str = ""
     trunk_sha256: str = ""
+    test_time_flip: bool = False
 
     @classmethod
     def for_arch(cls, arch: str, input_size: int | None = None, **kwargs: Any) -> MemberSpec:
@@ -75,6 +81,8 @@ class MemberSpec:
         """Plain-JSON form."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if not self.test_time_flip:
+            del d["test_time_flip"]  # schema 3 has no such key: keep such packages schema 3
         return d
 
     @classmethod
@@ -144,9 +152,10 @@ class Manifest:
         return float(self.threshold)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, as written to ``manifest.json`` (always the current schema)."""
+        """Plain-JSON form, as written to ``manifest.json``: the current schema, numbered as the
+        oldest one that holds it (3 unless a member flips at test time)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["schema_version"] = SCHEMA_VERSION
+        d["schema_version"] = 4 if any(m.test_time_flip for m in self.members) else 3
         d["members"] = [m.to_dict() for m in self.members]
         return json.loads(json.dumps(d))  # deep copy; fails early on non-JSON values
 

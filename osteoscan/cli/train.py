@@ -48,6 +48,10 @@ PatienceOpt = Annotated[int | None, Opt("--patience", help="Early stopping: epoc
                                         "validation-AUC gain.")]  # fmt: skip
 AugmentOpt = Annotated[bool | None, Opt("--augment/--no-augment", help="Random affine "
                                         "augmentation.", **FLAG)]  # fmt: skip
+FlipOpt = Annotated[bool | None, Opt("--test-time-flip/--no-test-time-flip", help="Average each "
+                                     "image's logits with its mirror image's, in validation and "
+                                     "scans (2x scoring cost; on in --preset large).",
+                                     **FLAG)]  # fmt: skip
 PositiveOpt = Annotated[str | None, Opt("--positive", help="Screening-positive classes, comma-"
                                         "separated (default osteoporosis; required when the "
                                         "classes are not the osteoporosis ones).")]  # fmt: skip
@@ -190,7 +194,8 @@ def _overrides(ctx: typer.Context) -> dict[str, Any]:
     pre = {k: p[k] for k in ("roi", "clahe") if p[k] is not None}
     same = ("data", "out", "folds", "epochs", "stage1_epochs", "unfreeze_blocks", "feature_views",
             "lr", "lr_stage2", "optimizer", "schedule", "patience", "target_sensitivity", "device",
-            "seed", "weights", "size", "batch_size", "cache_dir", "method", "probe_c")  # fmt: skip
+            "seed", "weights", "size", "batch_size", "cache_dir", "method", "probe_c",
+            "test_time_flip")  # fmt: skip
     return {
         **{k: p[k] for k in same},
         "archs": tuple(p["arch"]) if p["arch"] else None, "positive": _csv_list(p["positive"]),
@@ -241,7 +246,8 @@ def register(app: typer.Typer) -> None:
         stage1_epochs: Stage1Opt = None, unfreeze_blocks: UnfreezeOpt = None,
         feature_views: ViewsOpt = None, lr: LrOpt = None,
         lr_stage2: Lr2Opt = None, optimizer: OptimOpt = None, schedule: SchedOpt = None,
-        patience: PatienceOpt = None, augment: AugmentOpt = None, positive: PositiveOpt = None,
+        patience: PatienceOpt = None, augment: AugmentOpt = None,
+        test_time_flip: FlipOpt = None, positive: PositiveOpt = None,
         classes: ClassesOpt = None, ordinal: OrdinalOpt = False, target: TargetOpt = "class",
         target_sensitivity: SensOpt = None, covariates: CovOpt = None,
         covariate_columns: CovColsOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None,

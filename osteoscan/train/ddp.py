@@ -111,7 +111,7 @@ class _ShardedFit(_Fit):
         part = predict_logits(
             self.model, self.val_x[lo:hi], mean=self.mean, std=self.std, device=self.device,
             batch_size=self.cfg.batch_size * 2, channels_last=self.cfg.channels_last,
-            amp=self.amp,
+            amp=self.amp, flip=self.cfg.test_time_flip,
         )  # fmt: skip
         parts: list[Any] = [None] * world
         td.all_gather_object(parts, part, group=self.dist.objects)

@@ -13,7 +13,8 @@ so together an epoch runs at 16 images/s; with the prefix cached it runs at 33.
   epoch then draws one view per image. This trades the fresh augmentation of every epoch for a
   fixed set of augmented copies, which is why it is a recipe option (``feature_views``) and not
   the default;
-- validation images once, unaugmented: exactly what the uncached network computes.
+- validation images once, unaugmented: exactly what the uncached network computes (with
+  ``flip``, their mirror images too: the validation logits are then the test-time-flip mean).
 
 Features are stored as float16 for training views (half the memory; the noise is far below that
 of augmentation) and float32 for validation, whose logits choose the best epoch and calibrate.
@@ -105,11 +106,12 @@ class FrozenPrefix:
         norm: tuple[Sequence[float], Sequence[float]],
         channels_last: bool,
         batch_size: int,
+        flip: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.split, self.views = split, max(1, int(views))
         self._norm, self._cl, self._bs = norm, channels_last, batch_size
-        total = self.views * train_x.shape[0] + val_x.shape[0]
+        total = self.views * train_x.shape[0] + val_x.shape[0] * (2 if flip else 1)
         self._done, self._total, self._progress = 0, total, progress
         first = self._features(train_x, None, torch.float16)
         # (views, N, ...), filled in place: stacking a list would hold every view twice.
@@ -119,6 +121,7 @@ class FrozenPrefix:
         for v in range(1, self.views):
             self.train[v] = self._features(train_x, augment, torch.float16)
         self.val = self._features(val_x, None, torch.float32)
+        self.val_mirror = self._features(val_x.flip(-1), None, torch.float32) if flip else None
 
     @torch.inference_mode()
     def _features(
@@ -146,10 +149,17 @@ class FrozenPrefix:
 
     @torch.inference_mode()
     def val_logits(self, device: torch.device, batch_size: int) -> torch.Tensor:
-        """Logits of the validation images (the caller has put the model in eval mode)."""
+        """Logits of the validation images (the caller has put the model in eval mode); with
+        ``flip``, the mean of each image's and its mirror image's."""
+        logits = self._logits(self.val, device, batch_size)
+        if self.val_mirror is not None:
+            logits = (logits + self._logits(self.val_mirror, device, batch_size)) / 2
+        return logits
+
+    def _logits(self, feats: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
         out = []
-        for i in range(0, self.val.shape[0], batch_size):
-            f = self.val[i : i + batch_size].to(device)
+        for i in range(0, feats.shape[0], batch_size):
+            f = feats[i : i + batch_size].to(device)
             if self._cl and f.ndim == 4:
                 f = f.contiguous(memory_format=torch.channels_last)
             out.append(self.split.rest(f).float().cpu())

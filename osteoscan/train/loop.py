@@ -175,7 +175,7 @@ class _Fit:
         self.cache = FrozenPrefix(
             split, self.tx, self.val_x, views=views, augment=self.augment,
             norm=(self.mean, self.std), channels_last=self.cfg.channels_last,
-            batch_size=self.cfg.batch_size * 2, progress=progress,
+            batch_size=self.cfg.batch_size * 2, flip=self.cfg.test_time_flip, progress=progress,
         )  # fmt: skip
 
     def validate(self) -> tuple[np.ndarray, float, float]:
@@ -193,7 +193,7 @@ class _Fit:
             logits = predict_logits(
             self.model, self.val_x, mean=self.mean, std=self.std, device=self.device,
                 batch_size=self.cfg.batch_size * 2, channels_last=self.cfg.channels_last,
-                amp=self.amp, progress=progress,
+                amp=self.amp, flip=self.cfg.test_time_flip, progress=progress,
             )  # fmt: skip
         if len(self.val_y) == 0:
             return logits, float("nan"), float("nan")

@@ -265,12 +265,14 @@ def fit_member_at(
     res = _fit_one(cfg, arch, model, X, targets, tr, va, common, fit)
     temp = fit_temperature(res.val_logits, y[va]) if objective.calibrate_temperature else 1.0
     logits_h = predict_logits(model, X[held], mean=spec.mean, std=spec.std, device=device,
-                              channels_last=cfg.channels_last, progress=_progress(
+                              channels_last=cfg.channels_last, flip=cfg.test_time_flip,
+                              progress=_progress(
                                   emit, "scoring held-out images", index, len(plan)))  # fmt: skip
     kfold = cfg.folds >= 2
     member_spec = MemberSpec.for_arch(
         arch, input_size=X.shape[-1], temperature=float(temp), fold=k if kfold else None,
         pretrained=str(getattr(model, "pretrained_source", "")),
+        test_time_flip=cfg.test_time_flip,
         metrics={"val_auc": res.best_val_auc, "best_epoch": res.best_epoch,
                  "n_train": len(tr), "n_val": len(va), **_speed(res.history)},
     )  # fmt: skip

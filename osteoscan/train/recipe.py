@@ -123,6 +123,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = 5.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Average each image's logits with its mirror image's, in validation (temperature, threshold
+    # and grade cut-offs are fitted on those) and at scan time (MemberSpec.test_time_flip).
+    # Doubles the cost of scoring; for models trained with flips (augment.hflip > 0).
+    test_time_flip: bool = False
     # > 0: compute the frozen lower layers once per stage for this many versions of each
     # training image (the image and views - 1 augmentations) and train only the rest on them
     # (osteoscan.train.frozen): ~2x faster epochs on a CPU, fixed augmented copies instead of
@@ -175,6 +179,8 @@ class TrainConfig:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not {self.target!r}")
         if self.target == "tscore" and (self.ordinal or self.classes):
             raise UsageError("--target tscore has the three WHO classes: no --ordinal/--classes")
+        if self.method == "probe" and self.test_time_flip:
+            raise UsageError("--test-time-flip is for fine-tuned members: add --no-test-time-flip")
         if self.method == "probe" and (self.ordinal or self.target != "class"):
             raise UsageError("--method probe fits class labels only: use --method finetune")
         if self.classes is not None and len(set(self.classes)) < 2:
@@ -260,6 +266,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patience": 4,
         "class_weights": False,
         "augment": {"rotation": 10.0, "shift": 0.06, "shear": 0.05, "zoom": 0.1, "hflip": 0.5},
+        "test_time_flip": True,
         "n_boot": 1000,
     },
     "effnet-paper": {

@@ -83,10 +83,13 @@ def predict_logits(
     batch_size: int = 32,
     channels_last: bool = True,
     amp: bool = False,
+    flip: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Logits (N, C) float32 of ``model`` in eval mode for a uint16 batch (N, 1, S, S);
-    ``progress(done, total)`` after each batch."""
+    ``flip``: the mean of the logits of each image and its mirror image (test-time flip, as
+    :class:`~osteoscan.ensemble.Ensemble` computes it). ``progress(done, total)`` after each
+    batch."""
     device = torch.device(device)
     model.eval()
     out = []
@@ -94,7 +97,10 @@ def predict_logits(
         xb = x[i : i + batch_size].to(device, non_blocking=True)
         inp = to_model_input(xb, mean, std, channels_last=channels_last)
         with autocast(device, amp):
-            out.append(model(inp).float().cpu())
+            logits = model(inp).float()
+            if flip:
+                logits = (logits + model(inp.flip(-1)).float()) / 2
+            out.append(logits.cpu())
         if progress is not None:
             progress(min(i + batch_size, x.shape[0]), x.shape[0])
     if not out:
