@@ -307,7 +307,10 @@ def _intended_use_and_model(m: Mapping[str, Any]) -> list[str]:
         ),
         f"- Input: {m.get('preprocess', {})}",
         f"- Covariates used: {', '.join(m.get('covariates', [])) or 'none (image only)'}",
-    ]
+        *(["- Test-time flip: each member's logits are the mean over the image and its mirror "
+           "image (validation and held-out metrics were computed the same way)"]
+          if any(x.get("test_time_flip") for x in members) else []),
+    ]  # fmt: skip
 
 
 def _training_data(ds: Mapping[str, Any]) -> list[str]:

@@ -129,7 +129,9 @@ class Manifest:
     # classes) or {"kind": "tscore", "cutoffs": [-1, -2.5], "scale": [tau per member], ...}: a
     # T-score model whose predicted T-score osteoscan.train.tscore recovers from the probabilities.
     target: dict[str, Any] | None = None
-    schema_version: int = SCHEMA_VERSION
+    # The schema it was read as (to_dict writes the oldest that holds it): not part of equality,
+    # so a manifest equals itself read back.
+    schema_version: int = field(default=SCHEMA_VERSION, compare=False)
 
     def __post_init__(self) -> None:
         # Schema 1 kept the per-variant thresholds inside the fusion dict, as
@@ -311,8 +313,9 @@ def package_identity(manifest: Manifest) -> str:
 
     Covers name, version, classes, positive classes, threshold, preprocessing, covariates,
     fusion and per member arch/sha256/size/normalisation/temperature (and the trunk's sha256 for
-    a member with a shared trunk); not timestamps or metrics, so re-saving identical weights the
-    same way keeps the identity. Incremental scan state is keyed by it.
+    a member with a shared trunk, and whether it flips at test time); not timestamps or metrics,
+    so re-saving identical weights the same way keeps the identity. Incremental scan state is
+    keyed by it.
     """
     key = {
         "name": manifest.name,
@@ -334,7 +337,8 @@ def package_identity(manifest: Manifest) -> str:
 def _member_identity(m: MemberSpec) -> list[Any]:
     # A whole member's entry is as before shared trunks existed: its identity is unchanged.
     key = [m.arch, m.sha256, m.input_size, list(m.mean), list(m.std), float(m.temperature)]
-    return [*key, m.trunk_sha256] if m.trunk else key
+    key = [*key, m.trunk_sha256] if m.trunk else key
+    return [*key, "test_time_flip"] if m.test_time_flip else key  # only then: older ids stay
 
 
 def _fusion_as_in_schema_1(manifest: Manifest) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,29 @@ def test_heatmaps_for_flagged_rows_in_one_pass() -> None:
     with pytest.raises(ValueError, match="flagged"):
         ens.predict(x, heatmaps="all")  # type: ignore[arg-type]
     assert all(not m._forward_hooks for model in ens.models for m in model.modules())
+
+
+def _flipping(models: list[torch.nn.Module], flips: list[bool]) -> Ensemble:
+    specs = [replace(member(), test_time_flip=f) for f in flips]
+    return Ensemble(ModelPackage(Path("."), manifest(specs), models), torch.device("cpu"))
+
+
+def test_test_time_flip_averages_each_member_over_the_mirror_image() -> None:
+    x = batch()
+    plain = make_ensemble([tiny(0), tiny(1)])
+    a, b = plain.predict_member_logits(x), plain.predict_member_logits(x.flip(-1))
+    assert not torch.allclose(a, b, atol=1e-2)  # the mirror image does score differently
+    ens = _flipping([tiny(0), tiny(1)], [True, False])
+    got = ens.predict_member_logits(x)
+    np.testing.assert_allclose(got[0], (a[0] + b[0]) / 2, atol=1e-5)
+    np.testing.assert_allclose(got[1], a[1], atol=1e-6)  # a member without the flag: unchanged
+    # Members that flip cannot tell an image from its mirror image.
+    both = _flipping([tiny(0), tiny(1)], [True, True])
+    p = both.predict(x)
+    np.testing.assert_allclose(p.probs, both.predict(x.flip(-1)).probs, atol=1e-5)
+    # Rows with a heatmap report the same (flip-averaged) probabilities; the map is computed.
+    hm = both.predict(x, heatmaps=[True, False] * 3)
+    np.testing.assert_allclose(hm.probs, p.probs, atol=1e-5)
+    assert hm.heatmaps[0] is not None and hm.heatmaps[1] is None
+    flagged = both.predict(x, heatmaps="flagged")
+    np.testing.assert_allclose(flagged.probs, p.probs, atol=1e-5)

@@ -68,6 +68,22 @@ def test_cached_validation_logits_equal_the_uncached_ones() -> None:
     assert np.allclose(cache.val_logits(torch.device("cpu"), 4).numpy(), direct, atol=1e-5)
 
 
+def test_cached_test_time_flip_logits_equal_the_uncached_ones() -> None:
+    model = _model(2)
+    split = split_frozen(model)
+    assert split is not None
+    xtr, xva = _images(4, 2), _images(5, 3)
+    aug = RandomAffine(AugmentConfig(), seed=1)
+    cache = FrozenPrefix(split, xtr, xva, views=2, augment=aug, norm=(IMAGENET_MEAN, IMAGENET_STD),
+                         channels_last=True, batch_size=4, flip=True)  # fmt: skip
+    plain = predict_logits(model, xva, batch_size=4)
+    mirror = predict_logits(model, xva.flip(-1), batch_size=4)
+    assert not np.allclose(plain, mirror, atol=1e-3)
+    flipped = predict_logits(model, xva, batch_size=4, flip=True)
+    assert np.allclose(flipped, (plain + mirror) / 2, atol=1e-5)
+    assert np.allclose(cache.val_logits(torch.device("cpu"), 4).numpy(), flipped, atol=1e-5)
+
+
 def test_fit_with_cached_features_is_reproducible_and_learns() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 8)

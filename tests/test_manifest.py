@@ -72,7 +72,8 @@ def test_schema_1_thresholds_become_typed_fields(tiny_package) -> None:
     assert old.fusion == {"format": "osteoscan-fusion/1"}  # the key left the fusion dict
     assert old.threshold_for(fused=False) == 0.25 and old.threshold_for(fused=True) == 0.4
     written = old.to_dict()
-    assert written["schema_version"] == manifest_mod.SCHEMA_VERSION == 3
+    # Written as schema 3, the oldest that holds it: older osteoscan versions still read it.
+    assert written["schema_version"] == 3 and manifest_mod.SCHEMA_VERSION == 4
     assert written["image_only_threshold"] == 0.25 and "thresholds" not in written["fusion"]
     new = manifest_mod.Manifest.from_dict(written)
     assert new.to_dict() == written and new.schema_version == 3 and old.schema_version == 1
@@ -88,3 +89,19 @@ def test_one_threshold_serves_every_row_without_an_image_only_one(tiny_package) 
     assert m.threshold_for(fused=False) == m.threshold_for(fused=True) == m.threshold
     with pytest.raises(ModelIntegrityError, match="image_only_threshold 1.5 outside"):
         replace(m, image_only_threshold=1.5).validate()
+
+
+def test_members_that_flip_at_test_time_need_schema_4(tiny_package) -> None:
+    m = manifest_mod.read_manifest(tiny_package())
+    plain = m.to_dict()
+    assert plain["schema_version"] == 3
+    assert all("test_time_flip" not in s for s in plain["members"])
+    flip = replace(m, members=[replace(m.members[0], test_time_flip=True), *m.members[1:]])
+    written = flip.to_dict()
+    assert written["schema_version"] == 4
+    assert [s.get("test_time_flip", False) for s in written["members"]] == [True, False]
+    back = manifest_mod.Manifest.from_dict(written)
+    assert back.members[0].test_time_flip and not back.members[1].test_time_flip
+    # Flipping changes every score: a nightly scan must not reuse the unflipped package's rows.
+    assert manifest_mod.package_identity(flip) != manifest_mod.package_identity(m)
+    assert manifest_mod.package_identity(back) == manifest_mod.package_identity(flip)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from osteoscan.errors import UsageError
 from osteoscan.train.recipe import PRESET_HELP, make_config
 
 KNEE_KL = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-kl"
@@ -21,8 +22,13 @@ def test_large_preset_is_a_single_split_with_mild_augmentation() -> None:
     assert cfg.augment.enabled and cfg.augment.shift <= 0.1 and cfg.augment.rotation <= 10
     assert not cfg.class_weights and cfg.ordinal and cfg.stage1_epochs < cfg.epochs
     assert "large" in PRESET_HELP
+    # Trained with flips, scored as the mean over the image and its mirror image.
+    assert cfg.test_time_flip and cfg.augment.hflip > 0
     # Explicit options still win over the preset.
     assert make_config("large", epochs=3, size=160).size == 160
+    assert not make_config("large", test_time_flip=False).test_time_flip
+    with pytest.raises(UsageError, match="--no-test-time-flip"):
+        make_config("large", method="probe")  # the probe has no flip-averaged validation
 
 
 @pytest.mark.slow

@@ -138,3 +138,29 @@ def test_unknown_positive_class_is_usage_error(dataset: Path):
 
     with pytest.raises(UsageError):
         train_models(_cfg(dataset, positive=("fracture",)))
+
+
+def test_test_time_flip_package_scores_the_mean_over_the_mirror_image(dataset: Path,
+                                                                     tmp_path: Path):  # fmt: skip
+    path = train(_cfg(dataset, tmp_path / "flip", covariates_csv=None, epochs=2,
+                      test_time_flip=True))  # fmt: skip
+    pkg = load_package(path)
+    assert json.loads((path / "manifest.json").read_text())["schema_version"] == 4
+    assert [m.test_time_flip for m in pkg.manifest.members] == [True]
+    assert "Test-time flip" in (path / "card.md").read_text()
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 65535, (4, 1, 64, 64), dtype=np.uint16))
+    got = Ensemble(pkg, device="cpu").predict_member_logits(x)[0]
+    from osteoscan.preprocess import to_model_input
+    from osteoscan.train.steps import predict_logits
+
+    spec = pkg.manifest.members[0]
+    model = pkg.members[0].eval()
+    with torch.inference_mode():
+        a = model(to_model_input(x, spec.mean, spec.std))
+        b = model(to_model_input(x.flip(-1), spec.mean, spec.std))
+    assert not torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(got, (a + b) / 2, atol=1e-5)
+    # The trainer's own scoring (validation, held-out part) computes the same thing.
+    held = predict_logits(model, x, mean=spec.mean, std=spec.std, flip=True)
+    assert np.allclose(held, got.numpy(), atol=1e-5)
