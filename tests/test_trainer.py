@@ -126,6 +126,23 @@ def test_kfold_members_and_deterministic(dataset: Path, tmp_path: Path):
     assert a.manifest.threshold == b.manifest.threshold
 
 
+def test_repeated_arch_is_a_seed_ensemble(dataset: Path, tmp_path: Path):
+    """``--arch X --arch X``: two members of one architecture on the same split, each from its
+    own seed; the first keeps the seed (and so the weights) a single ``--arch X`` run trains."""
+    one = train_models(_cfg(dataset, covariates_csv=None, epochs=1))
+    path = train(_cfg(dataset, tmp_path / "two", covariates_csv=None, epochs=1,
+                      archs=("tiny_cnn",) * 2))  # fmt: skip
+    two = load_package(path)
+    assert [m.arch for m in two.manifest.members] == ["tiny_cnn", "tiny_cnn"]
+    first, second = (m.state_dict() for m in two.members)
+    for k, t in one.models[0].state_dict().items():
+        assert torch.equal(t, first[k]), k
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert len({m.sha256 for m in two.manifest.members}) == 2
+    # One split for both members: the held-out part is scored by each (mean of two).
+    assert two.manifest.metrics["image_only"]["n"] == one.manifest.metrics["image_only"]["n"]
+
+
 def test_without_covariates_falls_back_to_image_only(dataset: Path, tmp_path: Path):
     path = train(_cfg(dataset, tmp_path / "p", covariates_csv=None, epochs=1))
     m = load_package(path).manifest

@@ -27,7 +27,8 @@ DataOpt = Annotated[Path, Opt("--data", help="Folder with one sub-folder per cla
                               "path,label[,group] CSV.")]  # fmt: skip
 OutOpt = Annotated[Path, Opt("--out", help="Folder to write the model package to.")]
 ArchOpt = Annotated[list[str] | None, Opt("--arch", metavar="ARCH", help="Architecture (repeat "
-                                          "for an ensemble across architectures).")]  # fmt: skip
+                                          "for an ensemble; the same one repeated: members "
+                                          "from different seeds).")]  # fmt: skip
 PresetOpt = Annotated[str, Opt("--preset", help="Recipe preset (listed above).")]
 FoldsOpt = Annotated[int | None, Opt("--folds", help="K-fold cross-validation (fold models = "
                                      "members); 1 = train/val/test split.")]  # fmt: skip

@@ -248,7 +248,9 @@ def fit_member_at(
     tr, va, held = parts[k]
     spec = get_arch(arch)
     pretrained: bool | Path = False if cfg.random_init else (cfg.weights or True)
-    seed = cfg.seed + 1000 * cfg.archs.index(arch) + k
+    # By the entry's place in --arch, not the name's: a repeated architecture is a member of
+    # its own with its own seed (a seed ensemble), while unique names keep their seeds.
+    seed = cfg.seed + 1000 * (index // len(parts)) + k
     torch.manual_seed(seed)
     targets = tscores if cfg.target == "tscore" and tscores is not None else y
     objective = make_objective(cfg.target, cfg.ordinal, n_classes, pos_idx,

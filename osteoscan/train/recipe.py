@@ -23,9 +23,10 @@ images; see the report in the model card for the exact numbers of a run):
   augmentation (rotation 10 degrees, shift 6 %, zoom 10 %, flips: the joint stays in view), no
   class weights (they trade accuracy for rare-class recall), and the frozen-feature cache with 8
   views (osteoscan.train.frozen: the frozen lower layers run once over the image and 7 augmented
-  copies, so a CPU epoch runs at ~27 instead of ~18 images/s; 2 views overfitted). Measured on
-  2 CPU cores: 39 minutes in all, KL >= 2 ROC-AUC 0.90 and five-grade accuracy 0.60 on knee-kl's
-  val.csv (README, "Knee-kl benchmark").
+  copies, so a CPU epoch runs at ~27-31 instead of ~18 images/s; 2 views overfitted), and the
+  test-time flip (validation, held-out part and scans average each image's logits with its
+  mirror image's). Measured on 2 CPU cores: 36-39 minutes in all, KL >= 2 ROC-AUC 0.906 and
+  five-grade accuracy 0.616 on knee-kl's val.csv (README, "Knee-kl benchmark").
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ PRESET_HELP: dict[str, str] = {
     "vgg16-paper": "VGG-16, RMSprop, 5 folds, 30 epochs (Abubakar et al. 2022)",
     "effnet-paper": "EfficientNet-B0, Adam, all layers, 5 folds, 30 epochs",
     "large": "thousands of images: Lite0 224 px, one split, 2 + 9 epochs, top 4 blocks on cached "
-    "frozen features (~40 min for 5,800 images)",
+    "frozen features, test-time flip (~40 min for 5,800 images)",
 }
 
 
