@@ -25,8 +25,9 @@ images; see the report in the model card for the exact numbers of a run):
   views (osteoscan.train.frozen: the frozen lower layers run once over the image and 7 augmented
   copies, so a CPU epoch runs at ~27-31 instead of ~18 images/s; 2 views overfitted), and the
   test-time flip (validation, held-out part and scans average each image's logits with its
-  mirror image's). Measured on 2 CPU cores: 36-39 minutes in all, KL >= 2 ROC-AUC 0.906 and
-  five-grade accuracy 0.616 on knee-kl's val.csv (README, "Knee-kl benchmark").
+  mirror image's). Measured on 2 CPU cores: 36-39 minutes in all (18 on a newer AVX-512 CPU),
+  KL >= 2 ROC-AUC 0.896-0.906 and five-grade accuracy 0.607-0.617 on knee-kl's val.csv over three
+  trainings (README, "Knee-kl benchmark").
 """
 
 from __future__ import annotations
