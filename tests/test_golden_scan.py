@@ -2,7 +2,8 @@
 
 The expected CSVs in ``tests/golden/`` were written by ``python -m tests.golden.scan_golden`` on the
 code before the scan path was split into stages (issue 10). Every column but ``scanned_at`` must
-match; probabilities to the CSV's six decimals (one unit of tolerance for float reordering).
+match; probabilities to 1e-5: the same code gives results up to 3e-6 apart on CPUs whose oneDNN
+kernels differ (measured: AVX2 against AVX-512), while a change of behaviour moves them by far more.
 Regenerate them only for a deliberate, documented change of behaviour.
 """
 
@@ -24,7 +25,7 @@ def _assert_same(got: list[dict[str, str]], want: list[dict[str, str]]) -> None:
         for col, expected in w.items():
             actual = g[col]
             if expected and (col.startswith("p_") or col in FLOAT_COLS):
-                assert float(actual) == pytest.approx(float(expected), abs=2e-6), (w["path"], col)
+                assert float(actual) == pytest.approx(float(expected), abs=1e-5), (w["path"], col)
             else:
                 assert actual == expected, (w["path"], col, actual, expected)
 
