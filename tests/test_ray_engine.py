@@ -393,11 +393,22 @@ def test_a_local_ray_keeps_the_scans_sigterm_and_nothing_of_it_outlives_a_killed
     assert not [k for k in kids if _alive(k)]
 
 
+# The scan to kill: each committed batch is held for a moment, so that on a fast machine the
+# 28-row archive does not finish between two looks at the state database.
 RAY_SCAN = """
 import sys
+import time
 from pathlib import Path
 from osteoscan.scan.config import ScanConfig
 from osteoscan.scan.pipeline import run_scan
+from osteoscan.scan.state import ScanState
+
+_record = ScanState.record
+def _slow_record(self, results, run_key):
+    out = _record(self, results, run_key)
+    time.sleep(0.3)
+    return out
+ScanState.record = _slow_record
 
 arch, out, pkg = map(Path, sys.argv[1:4])
 run_scan(ScanConfig(paths=[arch], out=out / "results.csv", models=[pkg], hdf5=out / "results.h5",
