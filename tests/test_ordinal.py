@@ -15,7 +15,7 @@ from osteoscan.archs import create_model, final_linear
 from osteoscan.grades import predict_classes
 from osteoscan.metrics import classification_metrics
 from osteoscan.testing.synthetic import synthetic_knee, write_png
-from osteoscan.train.objectives import OrdinalObjective
+from osteoscan.train.objectives import OrdinalObjective, SoftOrdinalObjective
 from tests.conftest import run_main as _main
 
 DENSITY = {"0": 1.1, "1": 0.9, "2": 0.7, "3": 0.5, "4": 0.3}
@@ -39,6 +39,29 @@ def test_ordinal_head_is_rank_one_while_training_and_plain_after() -> None:
     assert np.allclose(d - d[:, :1], (d - d[:, :1])[0:1], atol=1e-5)
 
 
+def test_soft_ordinal_labels_charge_far_grades_more_than_near_ones() -> None:
+    obj = SoftOrdinalObjective(5, [2, 3, 4])
+    q = obj.soft.numpy()
+    assert np.allclose(q.sum(axis=1), 1.0) and (q.argmax(axis=1) == np.arange(5)).all()
+    assert q[2, 1] == pytest.approx(q[2, 3]) and q[2, 1] > q[2, 0] == pytest.approx(q[2, 4])
+    # One image of grade 2: a confident "grade 1" costs less than a confident "grade 0", and
+    # predicting the soft target itself is the minimum (its cross-entropy is the entropy).
+    y = torch.tensor([2])
+    sure = {g: torch.full((1, 5), -6.0).index_fill_(1, torch.tensor([g]), 6.0) for g in range(5)}
+    cost = {g: float(obj.loss(sure[g], y, None)) for g in range(5)}
+    assert cost[1] == pytest.approx(cost[3]) and cost[0] == pytest.approx(cost[4])
+    assert cost[2] < cost[1] < cost[0]
+    best = float(obj.loss(torch.log(obj.soft[2:3]), y, None))
+    assert best == pytest.approx(float(-(obj.soft[2] * torch.log(obj.soft[2])).sum()), abs=1e-6)
+    assert best < cost[2]
+    # Class weights weigh images, as in plain cross-entropy.
+    out, ys = torch.randn(6, 5), torch.tensor([0, 0, 0, 0, 0, 4])
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0, 5.0])
+    per = [float(obj.loss(out[i : i + 1], ys[i : i + 1], None)) for i in range(6)]
+    expected = (sum(per[:5]) + 5 * per[5]) / 10
+    assert float(obj.loss(out, ys, w)) == pytest.approx(expected, rel=1e-5)
+
+
 def test_qwk_and_mae_match_sklearn() -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 300)
@@ -54,8 +77,9 @@ def test_qwk_and_mae_match_sklearn() -> None:
     assert "qwk" not in classification_metrics(y, probs, list("01234"), ["4"], 0.5, n_boot=0)
 
 
+@pytest.mark.parametrize("head", ["adjacent", "soft"])
 def test_train_ordinal_grades_and_evaluate_reports_qwk_mae(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], head: str
 ) -> None:
     rows = ["path,label,group"]
     for g, density in DENSITY.items():
@@ -69,12 +93,13 @@ def test_train_ordinal_grades_and_evaluate_reports_qwk_mae(
     code, text = _main([
         "train", "--data", str(csv), "--out", str(out), "--arch", "tiny_cnn", "--random-init",
         "--preset", "quick", "--size", "32", "--epochs", "3", "--batch-size", "8", "--quiet",
-        "--classes", "0,1,2,3,4", "--positive", "2,3,4", "--ordinal",
+        "--classes", "0,1,2,3,4", "--positive", "2,3,4", "--ordinal", "--ordinal-head", head,
     ], capsys)  # fmt: skip
     assert code == 0, text
     manifest = json.loads((out / "manifest.json").read_text())
     target = manifest["target"]
-    assert target["kind"] == "ordinal" and set(target) == {"kind", "grade_cutoffs"}
+    keys = {"kind", "grade_cutoffs"} | ({"head"} if head == "soft" else set())
+    assert target["kind"] == "ordinal" and set(target) == keys
     cuts = target["grade_cutoffs"]
     assert len(cuts) == 4 and cuts == sorted(cuts)
     held = manifest["metrics"]["image_only"]

@@ -47,6 +47,9 @@ OptimOpt = Annotated[str | None, Opt("--optimizer", help="adam, adamw, rmsprop o
 SchedOpt = Annotated[str | None, Opt("--schedule", help="cosine, plateau or none.")]
 PatienceOpt = Annotated[int | None, Opt("--patience", help="Early stopping: epochs without "
                                         "validation-AUC gain.")]  # fmt: skip
+EmaOpt = Annotated[float | None, Opt("--ema-decay", help="Validate and keep a moving average "
+                                     "of the weights (per-step decay, e.g. 0.998; 0: "
+                                     "off).")]  # fmt: skip
 AugmentOpt = Annotated[bool | None, Opt("--augment/--no-augment", help="Random affine "
                                         "augmentation.", **FLAG)]  # fmt: skip
 FlipOpt = Annotated[bool | None, Opt("--test-time-flip/--no-test-time-flip", help="Average each "
@@ -61,6 +64,9 @@ ClassesOpt = Annotated[str | None, Opt("--classes", help="Class order, comma-sep
 OrdinalOpt = Annotated[bool, Opt("--ordinal", help="The classes are ordered grades (in --classes "
                                  "order): ordinal head and loss; evaluate adds QWK and MAE.",
                                  **FLAG)]  # fmt: skip
+OrdHeadOpt = Annotated[str | None, Opt("--ordinal-head", help="With --ordinal: adjacent (one "
+                                       "severity axis, rank-one logits) or soft (softmax head "
+                                       "on soft ordinal labels).")]  # fmt: skip
 TargetOpt = Annotated[str, Opt("--target", help="class (labels) or tscore (a path,tscore[,group] "
                                "CSV: regression on T-scores, WHO categories from the predicted "
                                "T-score).")]  # fmt: skip
@@ -196,7 +202,7 @@ def _overrides(ctx: typer.Context) -> dict[str, Any]:
     same = ("data", "out", "folds", "epochs", "stage1_epochs", "unfreeze_blocks", "feature_views",
             "lr", "lr_stage2", "optimizer", "schedule", "patience", "target_sensitivity", "device",
             "seed", "weights", "size", "batch_size", "cache_dir", "method", "probe_c",
-            "test_time_flip")  # fmt: skip
+            "test_time_flip", "ordinal_head", "ema_decay")  # fmt: skip
     return {
         **{k: p[k] for k in same},
         "archs": tuple(p["arch"]) if p["arch"] else None, "positive": _csv_list(p["positive"]),
@@ -247,9 +253,10 @@ def register(app: typer.Typer) -> None:
         stage1_epochs: Stage1Opt = None, unfreeze_blocks: UnfreezeOpt = None,
         feature_views: ViewsOpt = None, lr: LrOpt = None,
         lr_stage2: Lr2Opt = None, optimizer: OptimOpt = None, schedule: SchedOpt = None,
-        patience: PatienceOpt = None, augment: AugmentOpt = None,
+        patience: PatienceOpt = None, ema_decay: EmaOpt = None, augment: AugmentOpt = None,
         test_time_flip: FlipOpt = None, positive: PositiveOpt = None,
-        classes: ClassesOpt = None, ordinal: OrdinalOpt = False, target: TargetOpt = "class",
+        classes: ClassesOpt = None, ordinal: OrdinalOpt = False,
+        ordinal_head: OrdHeadOpt = None, target: TargetOpt = "class",
         target_sensitivity: SensOpt = None, covariates: CovOpt = None,
         covariate_columns: CovColsOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None,
         weights: WeightsOpt = None, random_init: RandomOpt = False, size: SizeOpt = None,

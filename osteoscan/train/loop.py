@@ -18,6 +18,7 @@ overwritten by a handful of small, augmented batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ import torch.nn as nn
 
 from osteoscan.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from osteoscan.train.augment import RandomAffine
+from osteoscan.train.ema import WeightEma
 from osteoscan.train.frozen import FrozenPrefix, split_frozen
 from osteoscan.train.objectives import ClassObjective
 from osteoscan.train.recipe import TrainConfig
@@ -155,6 +157,7 @@ class _Fit:
         self.best = _Best(logits=np.zeros((len(self.val_y), n_out), dtype=np.float32))
         self.epoch = 0
         self.cache: FrozenPrefix | None = None  # this stage's frozen-prefix features, if any
+        self.ema: WeightEma | None = None  # this stage's weight average (cfg.ema_decay > 0)
         self.view_gen = torch.Generator().manual_seed(seed + 2)
         self.seed = seed
 
@@ -237,6 +240,8 @@ class _Fit:
             self.scaler.step(opt)
             self.scaler.update()
             sched.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             total += float(loss.detach()) * idx.numel()
             count += idx.numel()
             self.event("batch", stage=stage, epoch=self.epoch, step=i + 1, n_steps=steps,
@@ -256,6 +261,8 @@ class _Fit:
         t_cache = time.perf_counter()
         self.cache_frozen()
         cache_s = time.perf_counter() - t_cache if self.cache is not None else 0.0
+        # Each stage averages its own steps, from the weights it starts with.
+        self.ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         opt = make_optimizer(params, cfg, stage.lr)
         steps = len(
             shuffled_batches(self.tx.shape[0], cfg.batch_size, torch.Generator().manual_seed(0))
@@ -277,11 +284,13 @@ class _Fit:
             self.event("epoch_start", stage=stage.name, epoch=self.epoch, n_steps=steps)
             train_loss = self.train_epoch(opt, sched, params, stage.name, steps)
             t_val = time.perf_counter()
-            logits_v, vloss, vauc = self.validate()
+            # With an average, it is the averaged weights that are validated and kept.
+            with self.ema.applied(model) if self.ema is not None else contextlib.nullcontext():
+                logits_v, vloss, vauc = self.validate()
+                improved = self.best.offer(model, self.epoch, vauc, vloss, logits_v)
             t_end = time.perf_counter()
             if plateau is not None:
                 plateau.step(vauc if math.isfinite(vauc) else -vloss)
-            improved = self.best.offer(model, self.epoch, vauc, vloss, logits_v)
             stale = 0 if improved else stale + 1
             row = {"epoch": self.epoch, "stage": stage.name, "train_loss": train_loss,
                    "val_loss": vloss, "val_auc": vauc, "lr": opt.param_groups[0]["lr"],
@@ -295,6 +304,7 @@ class _Fit:
             if stale >= cfg.patience:
                 break
         self.cache = None  # the next stage freezes less: its prefix differs
+        self.ema = None
 
 
 def fit_member(

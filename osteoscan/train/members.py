@@ -253,8 +253,8 @@ def fit_member_at(
     seed = cfg.seed + 1000 * (index // len(parts)) + k
     torch.manual_seed(seed)
     targets = tscores if cfg.target == "tscore" and tscores is not None else y
-    objective = make_objective(cfg.target, cfg.ordinal, n_classes, pos_idx,
-                               cfg.label_smoothing, targets[tr])  # fmt: skip
+    objective = make_objective(cfg.target, cfg.ordinal, n_classes, pos_idx, cfg.label_smoothing,
+                               targets[tr], cfg.ordinal_head)  # fmt: skip
     model = create_model(arch, objective.n_outputs(), pretrained=pretrained)
     if pretrained is not False:
         _fresh_head(model, arch)

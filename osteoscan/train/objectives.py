@@ -12,6 +12,11 @@ score = P(positive classes), threshold, covariate fusion, Grad-CAM) works unchan
   ``W[k] = k w`` (a ``torch.nn.utils.parametrize`` parametrisation while training, removed after,
   so the saved layer is a plain ``nn.Linear``). The grades are one ordered scale by construction,
   and the loss is the model's likelihood (cross-entropy on those logits).
+- :class:`SoftOrdinalObjective` (``--ordinal --ordinal-head soft``): an unconstrained softmax
+  head trained on *soft ordinal labels* (Diaz and Marathe, "Soft labels for ordinal regression",
+  CVPR 2019): the target of an image of grade ``y`` is ``q_k ∝ exp(-(k - y)^2)``, so a
+  neighbouring grade costs less than a far one, while each grade keeps its own weight vector
+  (grade 0 vs 1 and grade 2 vs 3 need not lie on one severity axis, as the rank-one form forces).
 - :class:`TScoreObjective` (``--target tscore``): a one-output regression head trained on
   standardised T-scores (mean squared error). After training, the predicted T-score ``mu`` gives
   the WHO category probabilities through the same adjacent-category form with the WHO cut-offs
@@ -37,7 +42,10 @@ from osteoscan.archs import final_linear, get_module
 from osteoscan.train.calibrate import fit_temperature, softmax
 from osteoscan.train.tscore import CUTOFFS, tscore_logits
 
-__all__ = ["ClassObjective", "OrdinalObjective", "TScoreObjective", "make_objective"]
+__all__ = [
+    "ClassObjective", "OrdinalObjective", "SoftOrdinalObjective", "TScoreObjective",
+    "make_objective",
+]  # fmt: skip
 
 
 def _auc(is_pos: np.ndarray, score: np.ndarray) -> float:
@@ -132,6 +140,29 @@ class OrdinalObjective(ClassObjective):
         return {"kind": "ordinal"}
 
 
+class SoftOrdinalObjective(ClassObjective):
+    """Ordered classes: a plain softmax head on soft ordinal labels (see the module docstring)."""
+
+    kind = "ordinal"
+
+    def __init__(self, n_classes: int, positive_idx: list[int], label_smoothing: float = 0.0):
+        super().__init__(n_classes, positive_idx, label_smoothing)
+        k = torch.arange(n_classes, dtype=torch.float32)
+        # Row y: the soft target of grade y (squared grade distance, unit scale as in the paper).
+        self.soft = torch.softmax(-((k[None, :] - k[:, None]) ** 2), dim=1)
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor, weight: Any) -> torch.Tensor:
+        q = self.soft.to(out.device)[target]
+        per_image = -(q * F.log_softmax(out.float(), dim=1)).sum(dim=1)
+        if weight is None:
+            return per_image.mean()
+        w = weight.to(out.device)[target]
+        return (w * per_image).sum() / w.sum()
+
+    def record(self) -> dict[str, Any] | None:
+        return {"kind": "ordinal", "head": "soft"}
+
+
 class TScoreObjective(ClassObjective):
     """Regression on T-scores, folded into WHO-category logits (see the module docstring).
 
@@ -210,11 +241,14 @@ class TScoreObjective(ClassObjective):
 
 def make_objective(
     target: str, ordinal: bool, n_classes: int, positive_idx: list[int],
-    label_smoothing: float = 0.0, t_train: np.ndarray | None = None,
+    label_smoothing: float = 0.0, t_train: np.ndarray | None = None, ordinal_head: str = "adjacent",
 ) -> ClassObjective:  # fmt: skip
-    """The objective for ``--target``/``--ordinal`` (T-score: ``t_train`` standardises)."""
+    """The objective for ``--target``/``--ordinal``/``--ordinal-head`` (T-score: ``t_train``
+    standardises)."""
     if target == "tscore":
         return TScoreObjective(n_classes, positive_idx, np.asarray(t_train, dtype=np.float64))
+    if ordinal and ordinal_head == "soft":
+        return SoftOrdinalObjective(n_classes, positive_idx, label_smoothing)
     if ordinal:
         return OrdinalObjective(n_classes, positive_idx, label_smoothing)
     return ClassObjective(n_classes, positive_idx, label_smoothing)

@@ -44,6 +44,7 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "plateau", "none")
 ROIS: tuple[str, ...] = ("none", "knee_joint", "knee_pair")  # PreprocessConfig.roi values
 TARGETS: tuple[str, ...] = ("class", "tscore")
+ORDINAL_HEADS: tuple[str, ...] = ("adjacent", "soft")
 
 
 @dataclass
@@ -81,7 +82,10 @@ class TrainConfig:
     # "class": labels are classes; "tscore": a path,tscore CSV, a regression head whose predicted
     # T-score gives the WHO category probabilities (osteoscan.train.objectives).
     target: str = "class"
-    ordinal: bool = False  # ordered classes: ordinal (adjacent-category logit) head
+    ordinal: bool = False  # ordered classes: an ordinal head (ordinal_head) and grade cut-offs
+    # "adjacent": the rank-one adjacent-category logit head; "soft": a softmax head on soft
+    # ordinal labels (osteoscan.train.objectives).
+    ordinal_head: str = "adjacent"
     target_sensitivity: float = 0.90
     covariates_csv: Path | None = None
     # Column names in the covariates CSV: (path/stem column, age column, sex column).
@@ -124,6 +128,9 @@ class TrainConfig:
     class_weights: bool = True
     label_smoothing: float = 0.0
     grad_clip: float | None = 5.0
+    # > 0: validate and keep an exponential moving average of the weights (per-step decay,
+    # osteoscan.train.ema) instead of the last step's weights. 0: off.
+    ema_decay: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Average each image's logits with its mirror image's, in validation (temperature, threshold
     # and grade cut-offs are fitted on those) and at scan time (MemberSpec.test_time_flip).
@@ -167,6 +174,8 @@ class TrainConfig:
             raise UsageError("stage-1 epochs must be between 0 and --epochs")
         if not 0.0 < self.target_sensitivity <= 1.0:
             raise UsageError("--target-sensitivity must be in (0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UsageError("--ema-decay must be in [0, 1)")
         if self.feature_views < 0:
             raise UsageError("feature views must be >= 0")
         if self.batch_size < 2:
@@ -179,6 +188,8 @@ class TrainConfig:
             raise UsageError("--size must be >= 16 pixels")
         if self.target not in TARGETS:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not {self.target!r}")
+        if self.ordinal_head not in ORDINAL_HEADS:
+            raise UsageError(f"--ordinal-head must be one of {', '.join(ORDINAL_HEADS)}")
         if self.target == "tscore" and (self.ordinal or self.classes):
             raise UsageError("--target tscore has the three WHO classes: no --ordinal/--classes")
         if self.method == "probe" and self.test_time_flip:
