@@ -62,6 +62,17 @@ def test_soft_ordinal_labels_charge_far_grades_more_than_near_ones() -> None:
     assert float(obj.loss(out, ys, w)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_ordinal_head_needs_ordinal_and_a_known_name() -> None:
+    from osteoscan.errors import UsageError
+    from osteoscan.train.recipe import make_config
+
+    assert make_config("quick", ordinal=True, ordinal_head="soft").ordinal_head == "soft"
+    with pytest.raises(UsageError, match="add --ordinal"):
+        make_config("quick", ordinal_head="soft")
+    with pytest.raises(UsageError, match="adjacent, soft"):
+        make_config("quick", ordinal=True, ordinal_head="corn")
+
+
 def test_qwk_and_mae_match_sklearn() -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 300)

@@ -32,21 +32,19 @@ class WeightEma:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.steps = decay, 0
-        self.shadow = {
-            name: t.detach().clone()
-            for name, t in model.state_dict().items()
-            if t.is_floating_point()
-        }
+        live = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+        self.shadow = {name: t.detach().clone() for name, t in live.items()}
+        # state_dict() tensors share storage with the parameters and buffers, which the optimiser,
+        # batch norm and load_state_dict all change in place: pair them once, not every step.
+        self._pairs = [(self.shadow[name], t) for name, t in live.items()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into the average (call after each optimiser step)."""
         self.steps += 1
         d = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
-        for name, t in model.state_dict().items():
-            avg = self.shadow.get(name)
-            if avg is not None:
-                avg.lerp_(t.detach(), 1.0 - d)
+        for avg, t in self._pairs:
+            avg.lerp_(t, 1.0 - d)
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:

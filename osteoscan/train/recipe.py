@@ -190,6 +190,8 @@ class TrainConfig:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not {self.target!r}")
         if self.ordinal_head not in ORDINAL_HEADS:
             raise UsageError(f"--ordinal-head must be one of {', '.join(ORDINAL_HEADS)}")
+        if self.ordinal_head != "adjacent" and not self.ordinal:
+            raise UsageError("--ordinal-head is for ordered grades: add --ordinal")
         if self.target == "tscore" and (self.ordinal or self.classes):
             raise UsageError("--target tscore has the three WHO classes: no --ordinal/--classes")
         if self.method == "probe" and self.test_time_flip:
